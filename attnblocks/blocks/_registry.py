@@ -1,0 +1,89 @@
+"""Registry of attention blocks: build a block from a name or a class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+from attnblocks._errors import InvalidArgumentError
+
+__all__ = ["available_blocks", "create_block", "get_block_class", "register_block"]
+
+_BLOCKS: dict[str, type[nn.Module]] = {}
+
+BlockT = TypeVar("BlockT", bound=type[nn.Module])
+
+
+def register_block(name: str) -> Callable[[BlockT], BlockT]:
+    """Class decorator that registers an attention block under ``name``.
+
+    The class must take its channel count as the first positional argument and
+    every option as a keyword argument, like :class:`~attnblocks.SEBlock`.
+    """
+    key = name.lower()
+
+    def decorator(cls: BlockT) -> BlockT:
+        if key in _BLOCKS and _BLOCKS[key] is not cls:
+            raise InvalidArgumentError(
+                f"register_block: the name {name!r} is already taken by "
+                f"{_BLOCKS[key].__qualname__}; choose another name."
+            )
+        _BLOCKS[key] = cls
+        return cls
+
+    return decorator
+
+
+def available_blocks() -> list[str]:
+    """The registered block names, sorted.
+
+    >>> "se" in available_blocks()
+    True
+    """
+    return sorted(_BLOCKS)
+
+
+def get_block_class(block: str | type[nn.Module]) -> type[nn.Module]:
+    """Return the block class for a registered name, or ``block`` itself if it is a class."""
+    if isinstance(block, type):
+        if not issubclass(block, nn.Module):
+            raise InvalidArgumentError(
+                f"block class {block.__qualname__} is not an nn.Module subclass."
+            )
+        return block
+    if isinstance(block, str):
+        key = block.lower()
+        if key not in _BLOCKS:
+            raise InvalidArgumentError(
+                f"unknown block {block!r}; registered blocks are {available_blocks()}, "
+                "or pass an nn.Module class."
+            )
+        return _BLOCKS[key]
+    raise InvalidArgumentError(
+        f"block must be a registered name {available_blocks()} or an nn.Module class, "
+        f"got {block!r} (type {type(block).__name__})."
+    )
+
+
+def create_block(block: str | type[nn.Module], channels: int, **kwargs: Any) -> nn.Module:
+    """Build an attention block from a registered name or a class.
+
+    Args:
+        block: a registered name (see :func:`available_blocks`) or a block class.
+        channels: the number of channels of the feature map the block will gate.
+        **kwargs: keyword options for the block's constructor.
+
+    Example:
+        >>> from attnblocks import create_block
+        >>> create_block("se", 64, reduction=8).hidden_channels
+        8
+    """
+    cls = get_block_class(block)
+    try:
+        return cls(channels, **kwargs)
+    except TypeError as err:
+        raise InvalidArgumentError(
+            f"could not build {cls.__qualname__}({channels}, **{kwargs}): {err}"
+        ) from None
