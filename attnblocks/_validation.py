@@ -25,8 +25,7 @@ def check_positive_int(value: object, name: str, *, owner: str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidArgumentError(
-            f"{owner}: {name} must be a positive int, got {value!r} "
-            f"(type {type(value).__name__})."
+            f"{owner}: {name} must be a positive int, got {value!r} (type {type(value).__name__})."
         )
     if value <= 0:
         raise InvalidArgumentError(f"{owner}: {name} must be a positive int (>= 1), got {value}.")
@@ -42,9 +41,7 @@ def check_positive_number(value: object, name: str, *, owner: str) -> float:
         )
     as_float = float(value)
     if not as_float > 0 or as_float == float("inf"):
-        raise InvalidArgumentError(
-            f"{owner}: {name} must be a finite number > 0, got {value!r}."
-        )
+        raise InvalidArgumentError(f"{owner}: {name} must be a finite number > 0, got {value!r}.")
     return as_float
 
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 
-__all__ = ["ACTIVATIONS", "GATES", "LayerSpec", "LambdaLayer", "make_layer"]
+__all__ = ["ACTIVATIONS", "GATES", "LambdaLayer", "LayerSpec", "make_layer"]
 
 #: What an ``activation=`` or ``gate=`` argument may be: a registered name, an
 #: ``nn.Module`` subclass (or any factory returning a module), an ``nn.Module``
 #: instance, or a plain tensor function such as ``torch.sigmoid``.
-LayerSpec = Union[str, type[nn.Module], nn.Module, Callable[..., object]]
+LayerSpec = str | type[nn.Module] | nn.Module | Callable[..., object]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),

@@ -39,6 +39,7 @@ def register_block(name: str) -> Callable[[BlockT], BlockT]:
 def available_blocks() -> list[str]:
     """The registered block names, sorted.
 
+    >>> from attnblocks import available_blocks
     >>> "se" in available_blocks()
     True
     """

@@ -30,6 +30,7 @@ def se_hidden_channels(channels: int, reduction: float) -> int:
     matches the common ``C // r``; the lower bound of 1 keeps a narrow block a real
     SE block (an 8-channel block with ``r = 16`` gets one hidden unit, not zero).
 
+    >>> from attnblocks.blocks import se_hidden_channels
     >>> se_hidden_channels(64, 16), se_hidden_channels(8, 16), se_hidden_channels(100, 8)
     (4, 1, 12)
     """
@@ -138,7 +139,8 @@ class SEBlock(AttentionBlock):
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
         self.gate_scale = 1.0
-        self.reset_parameters()
+        if init == "identity":  # the Linear layers already hold PyTorch's default init
+            self._identity_init()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
