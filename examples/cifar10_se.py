@@ -1,0 +1,396 @@
+"""Train the tutorial's CNN on CIFAR-10 with and without Squeeze-and-Excitation, and compare.
+
+The baseline is the tutorial's 3-conv-layer CNN; the SE arm is the same network
+rewritten by :func:`attnblocks.insert_se` (an SE block after each conv block's
+activation, r = 16). Each arm is trained with one or more seeds; the run folder
+gets per-epoch metrics, a JSON summary, checkpoints and figures.
+
+Examples:
+    python examples/cifar10_se.py --data-dir ../shared/data/cifar10
+    python examples/cifar10_se.py --recipe tutorial --arms baseline \
+        --data-dir ../shared/data/cifar10
+    python examples/cifar10_se.py --subset 500 --epochs 1 --no-progress   # a quick run
+    python examples/cifar10_se.py --resume runs/20261130-120000         # continue after Ctrl-C
+    python examples/cifar10_se.py --compare runs/base runs/se --out runs/both
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from se_cifar.data import DataError, load_cifar10
+from se_cifar.engine import (
+    Interrupted,
+    autocast_dtype,
+    measure_latency,
+    pick_device,
+    train_run,
+)
+from se_cifar.models import build_model, count_parameters
+from se_cifar.recipes import RECIPES, get_recipe
+from se_cifar.stats import compare, mean_std
+
+ARMS = ("baseline", "se")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        help="ImageFolder tree with train/ and test/ (default: download CIFAR-10 with torchvision)",
+    )
+    data.add_argument("--download-root", default="data", help="where torchvision downloads to")
+    data.add_argument(
+        "--cache-dir", default=None, help="cache of decoded images (default: <out>/../.cache)"
+    )
+    data.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="train on a class-balanced subset of N images (a quick run)",
+    )
+    data.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="evaluate on N test images (default: all, or --subset/5 with --subset)",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
+    train.add_argument("--arms", default="baseline,se", help="comma-separated arms: baseline, se")
+    train.add_argument("--seeds", type=int, default=1, help="seeds per arm")
+    train.add_argument("--seed", type=int, default=0, help="first seed")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    train.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    train.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="autocast precision (default: the recipe's)",
+    )
+    train.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: the recipe's)",
+    )
+    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run = p.add_argument_group("run folder")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
+    run.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue an interrupted run with its saved settings",
+    )
+    run.add_argument(
+        "--compare",
+        nargs=2,
+        metavar="RUN_DIR",
+        default=None,
+        help="build the joint summary and figures of two finished runs into --out",
+    )
+    run.add_argument("--no-plots", action="store_true", help="skip the figures")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="plain log lines instead of progress bars (for CI)",
+    )
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        p.error(f"--arms {args.arms!r}: unknown arm(s) {bad}; valid arms are {list(ARMS)}")
+    args.arm_list = arms
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    for name in ("subset", "test_subset", "epochs", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+# --- run folder --------------------------------------------------------------------------------
+
+SAVED_KEYS = (
+    "data_dir",
+    "download_root",
+    "cache_dir",
+    "subset",
+    "test_subset",
+    "recipe",
+    "arms",
+    "seeds",
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "precision",
+    "channels_last",
+)
+
+
+def prepare_run_dir(args: argparse.Namespace) -> Path:
+    """Create the run folder, or reopen it for --resume; never clobber without --overwrite."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = run_dir / "config.json"
+        if not config.exists():
+            raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
+        saved = json.loads(config.read_text())["args"]
+        for key in SAVED_KEYS:
+            setattr(args, key, saved[key])
+        args.arm_list = [a for a in args.arms.split(",") if a]
+        return run_dir
+    run_dir = (
+        Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        raise SystemExit(
+            f"run folder {run_dir} exists and is not empty; pass --overwrite to reuse it, "
+            f"--resume {run_dir} to continue it, or choose another --out."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for stale in ("checkpoints", "figures"):
+            for f in (run_dir / stale).glob("*"):
+                f.unlink()
+    return run_dir
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _progress_factory(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    device = pick_device(args.device)
+    recipe = get_recipe(
+        args.recipe,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        precision=args.precision,
+        channels_last=args.channels_last,
+    )
+    amp = autocast_dtype(recipe.precision, device)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "args": {k: getattr(args, k) for k in SAVED_KEYS},
+                "recipe": recipe.to_dict(),
+                "environment": environment(device),
+            },
+            indent=2,
+        )
+    )
+    test_count = args.test_subset or (max(100, args.subset // 5) if args.subset else None)
+    cache = args.cache_dir or str(run_dir.parent / ".cache")
+    t0 = time.perf_counter()
+    train, test = load_cifar10(
+        args.data_dir,
+        download_root=args.download_root,
+        cache_dir=cache,
+        train_count=args.subset,
+        test_count=test_count,
+        seed=args.seed,
+    )
+    print(
+        f"data: {len(train)} train / {len(test)} test images, {len(train.classes)} classes "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
+    print(
+        f"recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}, "
+        f"{recipe.optimizer} lr {recipe.lr}, precision {recipe.precision} "
+        f"({amp or torch.float32}), channels_last {recipe.channels_last}, device {device}"
+    )
+    progress = _progress_factory(not args.no_progress)
+    summary: dict[str, Any] = {
+        "recipe": recipe.to_dict(),
+        "environment": environment(device),
+        "data": {
+            "data_dir": args.data_dir,
+            "train": len(train),
+            "test": len(test),
+            "classes": train.classes,
+        },
+        "arms": {},
+    }
+    metrics: list[dict[str, Any]] = []
+    iterations: list[dict[str, Any]] = []
+    for arm in args.arm_list:
+        arm_runs = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            torch.manual_seed(seed)
+            model = build_model(arm, num_classes=len(train.classes))
+            params = count_parameters(model)
+            print(f"[{arm} seed {seed}] {params:,} parameters")
+            ckpt = run_dir / "checkpoints" / f"{arm}-seed{seed}.pt"
+            start = time.perf_counter()
+            model, state = train_run(
+                model,
+                recipe=recipe,
+                seed=seed,
+                train=train,
+                test=test,
+                device=device,
+                checkpoint=ckpt,
+                progress=progress,
+                log=lambda line, arm=arm, seed=seed: print(f"[{arm} seed {seed}] {line}"),
+            )
+            wall = time.perf_counter() - start
+            latency = {
+                f"batch{bs}": measure_latency(
+                    model, device, batch_size=bs, amp=amp, channels_last=recipe.channels_last
+                )
+                for bs in (1, 256)
+            }
+            for row in state.history:
+                metrics.append({"arm": arm, "seed": seed, **row})
+            for epoch, step, loss in state.iterations:
+                iterations.append(
+                    {"arm": arm, "seed": seed, "epoch": epoch + 1, "step": step, "loss": loss}
+                )
+            accs = [r["test_acc"] for r in state.history]
+            arm_runs.append(
+                {
+                    "seed": seed,
+                    "final_test_acc": accs[-1],
+                    "best_test_acc": max(accs),
+                    "best_epoch": accs.index(max(accs)) + 1,
+                    "epochs": len(accs),
+                    "epoch_time_s": mean_std([r["epoch_time_s"] for r in state.history])[0],
+                    "train_time_s": sum(r["epoch_time_s"] for r in state.history),
+                    "wall_time_s_this_session": wall,
+                    "train_images_per_s": mean_std([r["images_per_s"] for r in state.history])[0],
+                    "latency": latency,
+                    "checkpoint": str(ckpt.relative_to(run_dir)),
+                }
+            )
+        finals = [r["final_test_acc"] for r in arm_runs]
+        mean, std = mean_std(finals)
+        summary["arms"][arm] = {
+            "params": params,
+            "runs": arm_runs,
+            "final_test_acc_mean": mean,
+            "final_test_acc_std": std,
+            "best_test_acc_mean": mean_std([r["best_test_acc"] for r in arm_runs])[0],
+        }
+    if "baseline" in summary["arms"] and "se" in summary["arms"]:
+        summary["comparison"] = compare(
+            [r["final_test_acc"] for r in summary["arms"]["baseline"]["runs"]],
+            [r["final_test_acc"] for r in summary["arms"]["se"]["runs"]],
+            names=("baseline", "se"),
+        ).to_dict()
+    write_csv(run_dir / "metrics.csv", metrics)
+    write_csv(run_dir / "iterations.csv", iterations)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print("\narm        params     final test acc (mean +/- std)  best    s/epoch")
+    for arm, info in summary["arms"].items():
+        runs = info["runs"]
+        print(
+            f"{arm:9s} {info['params']:>9,}   {100 * info['final_test_acc_mean']:6.2f} +/- "
+            f"{100 * info['final_test_acc_std']:.2f} % (n={len(runs)})       "
+            f"{100 * info['best_test_acc_mean']:6.2f}  "
+            f"{mean_std([r['epoch_time_s'] for r in runs])[0]:7.1f}"
+        )
+    comp = summary.get("comparison")
+    if comp:
+        ci = (
+            "n/a"
+            if comp["ci_low"] is None
+            else f"[{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
+        )
+        print(
+            f"se - baseline: {100 * comp['difference']:+.2f} points, 95% CI {ci} ({comp['note']})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.compare:
+            from se_cifar.report import compare_runs
+
+            if not args.out:
+                raise SystemExit("--compare needs --out: the folder for the joint summary.")
+            out = Path(args.out)
+            summary = compare_runs([Path(d) for d in args.compare], out, plots=not args.no_plots)
+            print_summary(summary)
+            return 0
+        run_dir = prepare_run_dir(args)
+        args.run_dir = run_dir
+        print(f"run folder: {run_dir}")
+        summary = train_all(args, run_dir)
+        if not args.no_plots:
+            from se_cifar.report import make_figures
+
+            written = make_figures(run_dir)
+            print(f"figures: {len(written)} PNG files in {run_dir / 'figures'}")
+        print_summary(summary)
+        return 0
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(
+            f"\n{err}; a checkpoint was written. Continue with:\n"
+            f"  python {sys.argv[0]} --resume {args.run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

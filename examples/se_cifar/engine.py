@@ -1,0 +1,414 @@
+"""Train and evaluate one arm with one seed: deterministic, resumable, interruptible."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from se_cifar.augment import Augment
+from se_cifar.data import Split
+from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD, Recipe
+
+__all__ = [
+    "EvalResult",
+    "Interrupted",
+    "RunState",
+    "autocast_dtype",
+    "evaluate",
+    "make_augment",
+    "measure_latency",
+    "pick_device",
+    "train_run",
+]
+
+
+class Interrupted(Exception):
+    """Training was interrupted (Ctrl-C); a checkpoint was written first."""
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch.cuda.is_available() is False.")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError("--device mps was asked for, but MPS is not available here.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown --device {name!r}; valid: auto, cpu, cuda, mps.")
+    return torch.device(name)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and _cpu_has_fast_bf16():
+            return torch.bfloat16
+        return None
+    raise ValueError(f"unknown precision {precision!r}; valid: auto, fp32, bf16, fp16.")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_augment(recipe: Recipe) -> Augment:
+    """The recipe's batched augmentation pipeline."""
+    return Augment(
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        crop_padding=recipe.crop_padding,
+        flip=recipe.flip,
+        jitter=recipe.jitter,
+        rotation=recipe.rotation,
+    )
+
+
+def _seed_of(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + part + 1442695040888963407) % 2**63
+    return value
+
+
+@dataclass
+class EvalResult:
+    """Test-set loss, accuracy and predictions."""
+
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    augment: Augment,
+    device: torch.device,
+    *,
+    amp: torch.dtype | None,
+    channels_last: bool,
+    test_flip: bool = False,
+    batch_size: int = 1000,
+) -> EvalResult:
+    """Cross-entropy and accuracy on ``split``, in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, preds = 0.0, 0, []
+    try:
+        for start in range(0, len(split), batch_size):
+            images = split.images[start : start + batch_size].to(device, non_blocking=True)
+            labels = split.labels[start : start + batch_size].to(device)
+            x = augment(images, None, train=False)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                logits = model(x).float()
+                if test_flip:
+                    logits = 0.5 * (logits + model(x.flip(-1)).float())
+            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            pred = logits.argmax(dim=1)
+            correct += int((pred == labels).sum())
+            preds.append(pred.cpu())
+    finally:
+        model.train(was_training)
+    n = len(split)
+    return EvalResult(total_loss / n, correct / n, torch.cat(preds))
+
+
+@dataclass
+class RunState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps inside the current epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    iterations: list[tuple[int, int, float]] = field(default_factory=list)
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    complete: bool = False
+
+
+def _make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; valid: adam, sgd.")
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    if recipe.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", patience=recipe.plateau_patience, factor=recipe.plateau_factor
+        )
+    if recipe.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=recipe.lr,
+            total_steps=recipe.epochs * steps_per_epoch,
+            pct_start=0.25,
+            div_factor=10.0,
+            final_div_factor=100.0,
+        )
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; valid: plateau, onecycle.")
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    steps = math.ceil(n / batch_size)
+    for step in range(start, steps):
+        yield order[step * batch_size : (step + 1) * batch_size]
+
+
+def train_run(
+    model: nn.Module,
+    *,
+    recipe: Recipe,
+    seed: int,
+    train: Split,
+    test: Split,
+    device: torch.device,
+    checkpoint: Path,
+    progress: Callable[..., Any] | None = None,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[RunState], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[nn.Module, RunState]:
+    """Train ``model`` with ``recipe``; resume from ``checkpoint`` if it exists.
+
+    A checkpoint is written after every epoch and when the run is interrupted
+    (``KeyboardInterrupt``), after which :class:`Interrupted` is raised. The same
+    seed gives the same result on the CPU, interrupted and resumed or not.
+
+    Args:
+        model: the freshly built model (its weights are replaced on resume).
+        recipe: how to train.
+        seed: seeds shuffling, augmentation and dropout.
+        train: the training split (uint8 images).
+        test: the test split.
+        device: where to train.
+        checkpoint: the checkpoint file of this run.
+        progress: a tqdm-like factory ``progress(iterable, total=, desc=)``, or None.
+        log: where to print one line per epoch.
+        on_epoch: called with the state after every epoch.
+        rank: this process's rank under torchrun (0 otherwise).
+        world_size: the number of processes.
+    """
+    amp = autocast_dtype(recipe.precision, device)
+    augment = make_augment(recipe)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    net: nn.Module = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    optimizer = _make_optimizer(model, recipe)
+    local_n = len(train) // world_size
+    steps_per_epoch = math.ceil(local_n / recipe.batch_size)
+    scheduler = _make_scheduler(optimizer, recipe, steps_per_epoch)
+    state = RunState()
+    torch.manual_seed(_seed_of(seed, 1))
+    aug_state: torch.Tensor | None = None
+    if checkpoint.exists():
+        blob = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        state = blob["state"]
+        torch.set_rng_state(blob["torch_rng"])
+        aug_state = blob.get("aug_rng")
+        if state.complete:
+            return model, state
+        log(f"resuming {checkpoint.name} at epoch {state.epoch + 1}, step {state.step}")
+
+    images = train.images.to(device)
+    labels = train.labels.to(device)
+
+    def snapshot(aug_gen: torch.Generator | None) -> None:
+        if rank != 0:
+            return
+        _save(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "torch_rng": torch.get_rng_state(),
+                "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
+                "recipe": recipe.to_dict(),
+                "seed": seed,
+            },
+        )
+
+    while state.epoch < recipe.epochs:
+        epoch = state.epoch
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(_seed_of(seed, epoch))
+        )
+        order = order[rank * local_n : (rank + 1) * local_n].to(device)
+        aug_gen = torch.Generator().manual_seed(_seed_of(seed, epoch, rank, 7))
+        if aug_state is not None and state.step > 0:
+            aug_gen.set_state(aug_state)
+        aug_state = None
+        sums = state.epoch_sums or {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+        net.train()
+        batches: Any = _batches(local_n, recipe.batch_size, order, state.step)
+        if progress is not None and rank == 0:
+            batches = progress(
+                batches,
+                total=steps_per_epoch,
+                initial=state.step,
+                desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                leave=False,
+            )
+        tick = time.perf_counter()
+        try:
+            for index in batches:
+                x = augment(images[index], aug_gen, train=True)
+                y = labels[index]
+                if recipe.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, amp):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if recipe.schedule == "onecycle":
+                    scheduler.step()
+                value = float(loss.detach())
+                state.iterations.append((epoch, state.step, value))
+                sums["loss"] += value * len(index)
+                sums["correct"] += float((logits.detach().argmax(1) == y).sum())
+                sums["seen"] += len(index)
+                state.step += 1
+                if hasattr(batches, "set_postfix") and state.step % 20 == 0:
+                    batches.set_postfix(loss=f"{value:.3f}")
+        except KeyboardInterrupt:
+            sums["time"] += time.perf_counter() - tick
+            state.epoch_sums = sums
+            snapshot(aug_gen)
+            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {state.step}") from None
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        sums["time"] += time.perf_counter() - tick
+        result = evaluate(
+            model,
+            test,
+            augment,
+            device,
+            amp=amp,
+            channels_last=recipe.channels_last,
+            test_flip=recipe.test_flip,
+        )
+        if recipe.schedule == "plateau":
+            scheduler.step(result.loss)
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / max(1.0, sums["seen"]),
+            "train_acc": sums["correct"] / max(1.0, sums["seen"]),
+            "test_loss": result.loss,
+            "test_acc": result.accuracy,
+            "epoch_time_s": sums["time"],
+            "images_per_s": sums["seen"] * world_size / max(1e-9, sums["time"]),
+        }
+        state.history.append(row)
+        state.epoch += 1
+        state.step = 0
+        state.epoch_sums = {}
+        state.complete = state.epoch >= recipe.epochs
+        snapshot(None)
+        if rank == 0:
+            log(
+                f"epoch {epoch + 1:3d}/{recipe.epochs}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
+                f"acc {row['test_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s"
+            )
+        if on_epoch is not None:
+            on_epoch(state)
+    return model, state
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    batch_size: int,
+    amp: torch.dtype | None,
+    channels_last: bool,
+    repeats: int = 20,
+    image_size: int = 32,
+) -> dict[str, float]:
+    """Median inference latency (ms) and throughput (images/s) at ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    try:
+        for i in range(repeats + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            with _autocast(device, amp):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append(time.perf_counter() - tick)
+    finally:
+        model.train(was_training)
+    median = sorted(times)[len(times) // 2]
+    return {"latency_ms": median * 1000.0, "images_per_s": batch_size / median}
