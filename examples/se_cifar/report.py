@@ -1,0 +1,308 @@
+"""Figures and the joint summary of a finished run, built with attnblocks' inspect and plot API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from se_cifar.augment import normalize
+from se_cifar.data import Split, load_cifar10
+from se_cifar.models import build_model
+from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD
+from se_cifar.stats import compare, mean_std
+
+__all__ = ["compare_runs", "make_figures", "summary_figure"]
+
+FEATURE_SITES = ["features.block1.relu", "features.block2.relu", "features.block3.relu"]
+LAST_SITE = "features.block3.relu"
+SHOW_IMAGES = 6
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _histories(run_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """{arm: history} for the first seed of each arm, in attnblocks.plot's format."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for run_dir in run_dirs:
+        epochs = _read_csv(run_dir / "metrics.csv")
+        iters = _read_csv(run_dir / "iterations.csv")
+        for arm in dict.fromkeys(r["arm"] for r in epochs):
+            seed = min(int(r["seed"]) for r in epochs if r["arm"] == arm)
+            rows = [r for r in epochs if r["arm"] == arm and int(r["seed"]) == seed]
+            hist: dict[str, list[float]] = {
+                key: [float(r[key]) for r in rows]
+                for key in ("train_loss", "test_loss", "train_acc", "test_acc")
+            }
+            hist["iter_loss"] = [
+                float(r["loss"]) for r in iters if r["arm"] == arm and int(r["seed"]) == seed
+            ]
+            out[arm] = hist
+    return out
+
+
+def _load_models(run_dirs: list[Path], num_classes: int) -> dict[str, nn.Module]:
+    models: dict[str, nn.Module] = {}
+    for run_dir in run_dirs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for arm, info in summary["arms"].items():
+            model = build_model(arm, num_classes=num_classes)
+            blob = torch.load(
+                run_dir / info["runs"][0]["checkpoint"], weights_only=False, map_location="cpu"
+            )
+            model.load_state_dict(blob["model"])
+            models[arm] = model.eval()
+    return models
+
+
+def _test_split(run_dir: Path) -> Split:
+    config = json.loads((run_dir / "config.json").read_text())["args"]
+    test_count = config["test_subset"] or (
+        max(100, config["subset"] // 5) if config["subset"] else None
+    )
+    _, test = load_cifar10(
+        config["data_dir"],
+        download_root=config["download_root"],
+        cache_dir=config["cache_dir"] or str(run_dir.parent / ".cache"),
+        train_count=config["subset"],
+        test_count=test_count,
+        seed=config["seed"],
+    )
+    return test
+
+
+def summary_figure(summary: dict[str, Any]) -> Any:
+    """One figure comparing the arms: accuracy (mean +/- std over seeds), cost and latency."""
+    from matplotlib.figure import Figure
+
+    arms = list(summary["arms"])
+    info = [summary["arms"][a] for a in arms]
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(arms)]
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    axes = fig.subplots(1, 4)
+    acc = [100 * i["final_test_acc_mean"] for i in info]
+    err = [100 * i["final_test_acc_std"] for i in info]
+    axes[0].bar(arms, acc, yerr=err, color=colors, capsize=6)
+    for k, i in enumerate(info):
+        seeds = [100 * r["final_test_acc"] for r in i["runs"]]
+        axes[0].scatter([k] * len(seeds), seeds, color="black", s=12, zorder=3)
+        axes[0].text(k, acc[k] + max(err) + 0.3, f"{acc[k]:.2f}%", ha="center")
+    low = min(min(100 * r["final_test_acc"] for r in i["runs"]) for i in info)
+    axes[0].set_ylim(max(0.0, low - 5), min(100.0, max(acc) + max(err) + 2.5))
+    n_seeds = ", ".join(f"{a}: n={len(i['runs'])}" for a, i in zip(arms, info, strict=True))
+    axes[0].set_title(f"final test accuracy ({n_seeds})")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].bar(arms, [i["params"] / 1e6 for i in info], color=colors)
+    axes[1].set_title("parameters")
+    axes[1].set_ylabel("millions")
+    axes[2].bar(
+        arms, [mean_std([r["epoch_time_s"] for r in i["runs"]])[0] for i in info], color=colors
+    )
+    axes[2].set_title("training time per epoch")
+    axes[2].set_ylabel("seconds")
+    axes[3].bar(arms, [i["runs"][0]["latency"]["batch1"]["latency_ms"] for i in info], color=colors)
+    axes[3].set_title("inference latency, batch 1")
+    axes[3].set_ylabel("ms (median)")
+    comp = summary.get("comparison")
+    title = "baseline vs SE"
+    if comp:
+        ci = (
+            ""
+            if comp["ci_low"] is None
+            else f", 95% CI [{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
+        )
+        title += f": SE - baseline = {100 * comp['difference']:+.2f} points{ci}"
+    fig.suptitle(title)
+    return fig
+
+
+def _figures(
+    summary: dict[str, Any],
+    histories: dict[str, dict[str, list[float]]],
+    models: dict[str, nn.Module],
+    test: Split,
+    out: Path,
+) -> list[Path]:
+    import attnblocks.inspect as inspect
+    import attnblocks.plot as plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    classes = test.classes
+    save(
+        plot.training_curves(histories, smooth=25, title="training: baseline vs SE"),
+        "training_curves",
+    )
+    save(summary_figure(summary), "summary")
+
+    # one image per class for the per-image figures
+    picks = [
+        int((test.labels == c).nonzero()[0])
+        for c in range(len(classes))
+        if bool((test.labels == c).any())
+    ][:SHOW_IMAGES]
+    images = normalize(test.images[picks].float() / 255, mean, std)
+    targets = test.labels[picks]
+    all_x = normalize(test.images.float() / 255, mean, std)
+
+    cams: dict[str, torch.Tensor] = {}
+    for arm, model in models.items():
+        with torch.no_grad():
+            logits = torch.cat([model(all_x[i : i + 1000]) for i in range(0, len(test), 1000)])
+        save(
+            plot.confusion_matrix(
+                test.labels,
+                logits.argmax(1),
+                class_names=classes,
+                title=f"{arm}: confusion matrix (test, row-normalised)",
+            ),
+            f"confusion_{arm}",
+        )
+        with inspect.record_features(model, FEATURE_SITES) as rec, torch.no_grad():
+            model(images)
+        features = {f"conv{k + 1}": rec.features[s] for k, s in enumerate(FEATURE_SITES)}
+        for j in range(2):
+            save(
+                plot.feature_map_grid(
+                    images[j],
+                    features,
+                    index=j,
+                    mean=mean,
+                    std=std,
+                    title=f"{arm}: feature maps, test image {j} ({classes[int(targets[j])]})",
+                ),
+                f"feature_maps_{arm}_{j}",
+            )
+        save(
+            plot.channel_heatmaps(
+                images[0],
+                features["conv3"],
+                k=3,
+                rank_by="activation",
+                index=0,
+                upsample="bilinear",
+                mean=mean,
+                std=std,
+                layer=f"{arm} conv3",
+            ),
+            f"heatmap_activation_{arm}",
+        )
+        cams[arm] = inspect.grad_cam(
+            model, images, targets, LAST_SITE, size=tuple(images.shape[-2:])
+        )
+        if arm != "baseline":
+            with inspect.record_gates(model) as grec, torch.no_grad():
+                model(images)
+            last_gate = next(g for name, g in grec.gates.items() if name.startswith(LAST_SITE))
+            save(
+                plot.channel_heatmaps(
+                    images[0],
+                    features["conv3"],
+                    k=3,
+                    rank_by="gate",
+                    gate=last_gate,
+                    index=0,
+                    upsample="bilinear",
+                    mean=mean,
+                    std=std,
+                    layer=f"{arm} conv3",
+                ),
+                f"heatmap_gate_{arm}",
+            )
+            batches = [
+                (all_x[i : i + 500], test.labels[i : i + 500]) for i in range(0, len(test), 500)
+            ]
+            stats = inspect.gate_statistics(model, batches, num_classes=len(classes))
+            shown = list(range(min(4, len(classes))))
+            save(
+                plot.gate_profiles(
+                    stats,
+                    classes=shown,
+                    class_names=classes,
+                    title=f"{arm}: mean gate per channel by class (cf. SE paper, Fig. 6)",
+                ),
+                f"gate_profiles_{arm}",
+            )
+            save(
+                plot.gate_class_profile(
+                    stats,
+                    0,
+                    class_name=classes[0],
+                    title=f"{arm}: gate mean +/- std, class {classes[0]} (cf. Fig. 7)",
+                ),
+                f"gate_class_profile_{arm}",
+            )
+            save(
+                plot.gate_heatmap(stats, title=f"{arm}: mean gate, sites x channels"),
+                f"gate_heatmap_{arm}",
+            )
+    save(
+        plot.gradcam_overlay(
+            images,
+            cams,
+            titles=[classes[int(t)] for t in targets],
+            normalize="shared",
+            mean=mean,
+            std=std,
+        ),
+        "gradcam",
+    )
+    return written
+
+
+def make_figures(run_dir: Path) -> list[Path]:
+    """Draw every figure of a finished run into ``run_dir / "figures"``."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    test = _test_split(run_dir)
+    models = _load_models([run_dir], len(test.classes))
+    return _figures(summary, _histories([run_dir]), models, test, run_dir / "figures")
+
+
+def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Join two finished runs (e.g. one per arm) into one summary and one set of figures."""
+    summaries = []
+    for run_dir in run_dirs:
+        path = run_dir / "summary.json"
+        if not path.exists():
+            raise SystemExit(f"--compare: {run_dir} has no summary.json; is the run finished?")
+        summaries.append(json.loads(path.read_text()))
+    joint: dict[str, Any] = {**summaries[0], "arms": {}, "sources": [str(d) for d in run_dirs]}
+    for s in summaries:
+        joint["arms"].update(s["arms"])
+    if "baseline" in joint["arms"] and "se" in joint["arms"]:
+        joint["comparison"] = compare(
+            [r["final_test_acc"] for r in joint["arms"]["baseline"]["runs"]],
+            [r["final_test_acc"] for r in joint["arms"]["se"]["runs"]],
+            names=("baseline", "se"),
+        ).to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(joint, indent=2))
+    for name in ("metrics.csv", "iterations.csv"):
+        rows: list[dict[str, str]] = []
+        for run_dir in run_dirs:
+            rows.extend(_read_csv(run_dir / name))
+        with (out / name).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    shutil.copy(run_dirs[0] / "config.json", out / "config.json")
+    if plots:
+        test = _test_split(run_dirs[0])
+        models = _load_models(run_dirs, len(test.classes))
+        _figures(joint, _histories(run_dirs), models, test, out / "figures")
+    return joint
