@@ -27,9 +27,10 @@ __all__ = ["CoordAttentionBlock"]
 
 _INIT_MODES = ("default",)
 _NO_IDENTITY = (
-    "its shared convolution is followed by BatchNorm, and an exact identity needs "
-    "input-independent gates, whose BatchNorm input is constant, so in training mode "
-    "BatchNorm normalises it to 0 and its weight gets no gradient."
+    "an exact identity needs gates g_h(i) * g_w(j) = 1 for every input, which (each gate "
+    "seeing only its own row or column) means gates that do not depend on the input; "
+    "the BatchNorm after the shared convolution then sees a constant, which "
+    "training-mode BatchNorm normalises to 0, so its weight would get no gradient."
 )
 
 
@@ -60,9 +61,10 @@ class CoordAttentionBlock(AttentionBlock):
     BatchNorm makes the output depend on the rest of the batch in training mode (as
     in the paper); in eval mode every sample is processed independently.
 
-    Identity init is not available: the shared convolution is followed by BatchNorm,
-    and an exact identity needs gates that do not depend on the input; BatchNorm's
-    input would then be constant, which training-mode BatchNorm normalises to 0, so
+    Identity init is not available: an exact identity needs
+    :math:`g^h_c(i) \cdot g^w_c(j) = 1` for every input, and since each gate sees only
+    its own row or column, gates that do not depend on the input. The BatchNorm after
+    :math:`F_1` then sees a constant, which training-mode BatchNorm normalises to 0, so
     its weight would get no gradient.
 
     The block has no per-channel gate (``has_channel_gate`` is False): its gates vary

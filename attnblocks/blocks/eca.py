@@ -61,7 +61,7 @@ class ECABlock(AttentionBlock):
     * :math:`z_c = \text{mean}_{\text{spatial}}(x_c)`, global average pooling
       (accumulated in float32 for half types);
     * :math:`s = \sigma(\text{conv1d}_k(z))`, a single-channel convolution of size
-      :math:`k` over the channel axis, zero-padded so that :math:`s \in (0, 1)^C`;
+      :math:`k` over the channel axis, zero-padded to keep one gate per channel;
     * :math:`\tilde{x}_c = s_c \cdot x_c`.
 
     The block has exactly :math:`k` parameters (plus one with ``bias=True``).

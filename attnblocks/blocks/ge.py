@@ -35,9 +35,10 @@ Variant = Literal["theta_minus", "theta", "theta_plus"]
 _VARIANTS: tuple[str, ...] = ("theta_minus", "theta", "theta_plus")
 _INIT_MODES = ("default",)
 _NO_IDENTITY = (
-    "GE-theta-minus has no parameters and its gate sigmoid(gathered context) is never "
-    "exactly 1 for every input; the parametric variants would need input-independent "
-    "gates, which leave the gather convolutions and their BatchNorm without gradient."
+    "GE-theta-minus has no parameters and its gate sigmoid(gathered context) is not "
+    "exactly 1 for every input; in the parametric variants a gate equal to 1 for every "
+    "input makes the input of the gather's last BatchNorm constant, which training-mode "
+    "BatchNorm normalises to 0, so that BatchNorm's weight would get no gradient."
 )
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -76,9 +77,10 @@ class GatherExciteBlock(AttentionBlock):
     gathered map is refused (BatchNorm needs more than one value per channel).
 
     Identity init is not available: GE-:math:`\theta^-` has no parameters and
-    :math:`\sigma(\cdot)` of its context is never exactly 1 for every input; the
-    parametric variants would need gates that do not depend on the input, which
-    leaves the gather convolutions and their BatchNorm without gradient.
+    :math:`\sigma(\cdot)` of its context is not exactly 1 for every input. In the
+    parametric variants a gate equal to 1 for every input makes the input of the
+    gather's last BatchNorm constant, which training-mode BatchNorm normalises to 0,
+    so that BatchNorm's weight would get no gradient.
 
     With global extent the block is a channel gate (``has_channel_gate`` is True and
     the :math:`(N, C)` gate goes to the gate hooks); with a local extent its gate

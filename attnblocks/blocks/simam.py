@@ -50,7 +50,7 @@ class SimAMBlock(AttentionBlock):
     For a single spatial position (:math:`M = 1`) there are no other neurons, so
     :math:`\hat\sigma^2` is taken as 0; the formula then gives :math:`1/e^* = 1/2` and
     the output is :math:`\text{sigmoid}(1/2) \cdot x`, the limit of the formula, not a
-    division by zero. The statistics are computed in float32 for half types.
+    division by zero. For half types the block computes in float32 and rounds once.
 
     Identity init is not available: the block has no parameters, and
     :math:`\text{sigmoid}(1/e^*) \le 1` with :math:`1/e^* \ge 1/2` means it never passes
@@ -103,10 +103,10 @@ class SimAMBlock(AttentionBlock):
             x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
         )
 
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        dims = spatial_dims_of(x)
-        xf = x.to(accumulation_dtype(x))
-        neighbours = max(math.prod(x.shape[2:]) - 1, 1)
+    def _attention(self, xf: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(1/E)`` for ``xf``, already in the accumulation dtype."""
+        dims = spatial_dims_of(xf)
+        neighbours = max(math.prod(xf.shape[2:]) - 1, 1)
         deviation = (xf - xf.mean(dim=dims, keepdim=True)).square()
         variance = deviation.sum(dim=dims, keepdim=True) / neighbours
         inverse_energy = deviation / (4 * (variance + self.lambda_)) + 0.5
@@ -120,12 +120,13 @@ class SimAMBlock(AttentionBlock):
             dtype), with values in :math:`[\text{sigmoid}(1/2), 1]`.
         """
         self._check(x)
-        return self._attention(x)
+        return self._attention(x.to(accumulation_dtype(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight every activation of ``x`` by :math:`\\text{sigmoid}(1/e_t^*)`."""
         self._check(x)
-        return match_memory_format(x * self._attention(x).to(x.dtype), x)
+        xf = x.to(accumulation_dtype(x))  # a float32 copy for half types only
+        return match_memory_format((xf * self._attention(xf)).to(x.dtype), x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, lambda_={self.lambda_}"
