@@ -1,0 +1,89 @@
+"""Helpers for ``init="identity"``: start a block as an exact identity map that still learns.
+
+A gated block is an exact identity when every gate it applies equals exactly 1.
+The recipe, the same as :class:`~attnblocks.SEBlock`'s:
+
+* make every pre-gate exactly 0 for every input, without zeroing a layer whose
+  inputs come from other parameters (a zero layer would cut their gradient);
+* scale the gate by ``1 / gate(0)`` (2 for a sigmoid), which must be exact in
+  floating point.
+
+For a two-layer excitation MLP ``fc2(act(fc1(z)))`` :func:`zero_output_mlp_`
+sets ``fc1.weight = 0`` and ``fc1.bias = 1``, so the hidden vector is the
+constant ``h = act(1)``, and gives each output ``c`` a single non-zero weight
+``fc2.weight[c, c % hidden] = 1/8`` with ``fc2.bias[c] = -h/8``. The pre-gate is
+then ``h/8 - h/8 = 0`` exactly (multiplying by a power of two and adding zeros
+are exact), while every weight of ``fc2`` sees the non-zero ``h``, and
+``fc1`` receives gradient through the non-zero ``fc2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnblocks._errors import InvalidArgumentError
+
+__all__ = ["identity_gate_scale", "zero_output_mlp_"]
+
+
+@torch.no_grad()
+def identity_gate_scale(
+    gate: nn.Module, like: torch.Tensor, *, owner: str, terms: int = 1
+) -> float:
+    """Return ``s = 1 / (terms * gate(0))``, checking that ``terms * s * gate(0) == 1`` exactly.
+
+    Args:
+        gate: the block's gate module (``nn.Sigmoid()``...).
+        like: a parameter of the block, for the dtype and device of the probe.
+        owner: the block's class name, used in messages.
+        terms: how many gates are added together (2 for scSE's ``combine="add"``).
+
+    >>> identity_gate_scale(nn.Sigmoid(), torch.zeros(1), owner="X")
+    2.0
+    >>> identity_gate_scale(nn.Sigmoid(), torch.zeros(1), owner="X", terms=2)
+    1.0
+    """
+    probe = like.new_zeros(1)
+    at_zero = gate(probe)
+    value = float(at_zero.item())
+    if not 0.0 < value < float("inf"):
+        raise InvalidArgumentError(
+            f"{owner}: init='identity' needs a gate with a finite, positive value at 0; "
+            f"the gate {gate} gives {value} there."
+        )
+    scale = 1.0 / (terms * value)
+    if float((at_zero * scale).item()) * terms != 1.0:
+        raise InvalidArgumentError(
+            f"{owner}: init='identity' needs 1 / gate(0) to be exact in floating point; "
+            f"gate(0) = {value!r} is not. Use 'sigmoid' or 'hard_sigmoid'."
+        )
+    return scale
+
+
+@torch.no_grad()
+def zero_output_mlp_(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, *, owner: str) -> None:
+    """Initialise ``fc2(act(fc1(z)))`` to output exactly 0 for every ``z`` (see the module doc).
+
+    Every parameter still receives gradient, except the rows of ``fc1`` for
+    hidden units beyond the output width (only when ``hidden > out``), which
+    start learning once ``fc2`` has moved. Needs both layers to have biases.
+    """
+    if fc1.bias is None or fc2.bias is None:
+        raise InvalidArgumentError(
+            f"{owner}: init='identity' needs bias=True (the identity start is built from "
+            "the biases); got bias=False."
+        )
+    fc1.weight.zero_()
+    fc1.bias.fill_(1.0)
+    hidden = act(fc1.bias.detach().clone()[None])[0]
+    if not bool(torch.isfinite(hidden).all()):
+        raise InvalidArgumentError(
+            f"{owner}: init='identity' needs a finite activation at 1; {act} gives {hidden[0]}."
+        )
+    out_features, hidden_features = fc2.weight.shape
+    rows = torch.arange(out_features, device=fc2.weight.device)
+    cols = rows % hidden_features
+    fc2.weight.zero_()
+    fc2.weight[rows, cols] = 2.0**-3
+    fc2.bias.copy_(-(hidden[cols].to(fc2.bias.dtype) * 2.0**-3))

@@ -1,0 +1,138 @@
+"""Tensor operations shared by the attention blocks.
+
+Pooling here accumulates float16 and bfloat16 inputs in float32, the way
+:class:`~attnblocks.SEBlock` does, and the helpers that build a block's output
+keep the input's memory format (contiguous, ``channels_last`` or
+``channels_last_3d``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnblocks._errors import InvalidInputError
+from attnblocks._validation import check_feature_map
+
+__all__ = [
+    "accumulation_dtype",
+    "channel_projection",
+    "check_block_input",
+    "global_avg_pool",
+    "global_max_pool",
+    "match_memory_format",
+    "spatial_dims_of",
+    "to_dtype_of",
+]
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype reductions over ``x`` run in: float32 for half types, else ``x.dtype``.
+
+    >>> accumulation_dtype(torch.zeros(1, dtype=torch.bfloat16))
+    torch.float32
+    >>> accumulation_dtype(torch.zeros(1, dtype=torch.float64))
+    torch.float64
+    """
+    return torch.float32 if x.dtype in _HALF_TYPES else x.dtype
+
+
+def spatial_dims_of(x: torch.Tensor) -> tuple[int, ...]:
+    """The indices of the spatial dimensions of an ``(N, C, *spatial)`` tensor."""
+    return tuple(range(2, x.dim()))
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every spatial dimension: ``(N, C, *spatial) -> (N, C)``, in the accumulation dtype.
+
+    >>> global_avg_pool(torch.ones(2, 3, 4, 4, dtype=torch.float16)).dtype
+    torch.float32
+    """
+    return x.mean(dim=spatial_dims_of(x), dtype=accumulation_dtype(x))
+
+
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over every spatial dimension: ``(N, C, *spatial) -> (N, C)``.
+
+    The maximum is exact in any dtype; the result is returned in the
+    accumulation dtype so that it can be combined with :func:`global_avg_pool`.
+    """
+    return x.amax(dim=spatial_dims_of(x)).to(accumulation_dtype(x))
+
+
+def to_dtype_of(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Return ``t`` cast to ``reference.dtype`` (``t`` itself when they already match).
+
+    Blocks compute their gates in the dtype of their parameters (autocast, when
+    active, still decides inside each layer) and cast the gate to the input's
+    dtype only to apply it.
+    """
+    return t if t.dtype == reference.dtype else t.to(reference.dtype)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def channel_projection(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1 convolution of any spatial rank: ``(N, C, *s) -> (N, O, *s)``.
+
+    Args:
+        x: input of shape ``(N, C, *spatial)`` with 1 to 3 spatial dimensions.
+        weight: ``(O, C)`` matrix, for example an ``nn.Linear(C, O).weight``;
+            cast to ``x.dtype``.
+        bias: optional ``(O,)`` bias, cast to ``x.dtype``.
+
+    >>> channel_projection(torch.ones(2, 3, 4, 5), torch.ones(1, 3)).shape
+    torch.Size([2, 1, 4, 5])
+    """
+    rank = x.dim() - 2
+    kernel = weight.to(x.dtype).reshape(*weight.shape, *([1] * rank))
+    return _CONV[rank](x, kernel, None if bias is None else bias.to(x.dtype))
+
+
+def match_memory_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return ``out`` in the memory format of ``like`` (a no-op when it already is).
+
+    ``like`` counts as contiguous when it is, else as ``channels_last`` (4D) or
+    ``channels_last_3d`` (5D) when it is that; any other layout is left alone.
+    """
+    if like.is_contiguous():
+        fmt = torch.contiguous_format
+    elif like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        return out
+    return out.contiguous(memory_format=fmt)
+
+
+def check_block_input(
+    x: object, channels: int, *, owner: str, spatial_dims: tuple[int, ...], reason: str = ""
+) -> None:
+    """Check a block's input: a floating ``(N, C, *spatial)`` tensor with a supported rank.
+
+    Args:
+        x: the block's input.
+        channels: the channel count the block was built for.
+        owner: the block's class name, used in messages.
+        spatial_dims: the numbers of spatial dimensions the block accepts, e.g.
+            ``(1, 2, 3)`` or ``(2,)``; must be consecutive.
+        reason: for a block defined for one rank only, a short clause saying why,
+            appended to the message.
+    """
+    if len(spatial_dims) == 1 and isinstance(x, torch.Tensor) and x.dim() != 2 + spatial_dims[0]:
+        rank = spatial_dims[0]
+        names = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[rank]
+        why = f" ({reason})" if reason else ""
+        raise InvalidInputError(
+            f"{owner} is defined for {rank}D feature maps {names} only{why}; got a "
+            f"{x.dim()}D tensor of shape {tuple(x.shape)}."
+        )
+    check_feature_map(
+        x, channels, owner=owner, min_spatial=min(spatial_dims), max_spatial=max(spatial_dims)
+    )

@@ -1,0 +1,221 @@
+"""Convolutional Block Attention Module (CBAM).
+
+Paper: Sanghyun Woo, Jongchan Park, Joon-Young Lee, In So Kweon, "CBAM: Convolutional
+Block Attention Module", ECCV 2018, https://arxiv.org/abs/1807.06521
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attnblocks._errors import InvalidArgumentError
+from attnblocks._validation import check_positive_int
+from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
+from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
+from attnblocks.blocks._ops import (
+    accumulation_dtype,
+    check_block_input,
+    global_avg_pool,
+    global_max_pool,
+    match_memory_format,
+    to_dtype_of,
+)
+from attnblocks.blocks._options import check_bool, check_init, hidden_width
+from attnblocks.blocks._registry import register_block
+
+__all__ = ["CBAMBlock"]
+
+_INIT_MODES = ("default", "identity")
+
+
+@register_block("cbam")
+class CBAMBlock(AttentionBlock):
+    r"""Convolutional Block Attention Module (Woo et al., ECCV 2018, arXiv:1807.06521).
+
+    CBAM applies a channel gate, then a spatial gate, in sequence (eq. 1):
+    :math:`F' = M_c(F) \otimes F`, :math:`F'' = M_s(F') \otimes F'`.
+
+    * **Channel attention** (eq. 2): :math:`M_c(F) = \sigma(\text{MLP}(\text{AvgPool}(F)) +
+      \text{MLP}(\text{MaxPool}(F)))`, one MLP :math:`W_1 \delta(W_0\,\cdot)` with
+      :math:`W_0 \in \mathbb{R}^{C/r \times C}`, shared by the average- and max-pooled
+      descriptors. Its weights number :math:`2 C^2 / r` (plus :math:`C/r + C` biases).
+    * **Spatial attention** (eq. 3): :math:`M_s(F') = \sigma(f^{7 \times 7}(
+      [\text{AvgPool}_c(F'); \text{MaxPool}_c(F')]))`, a :math:`7 \times 7` convolution
+      (``spatial_kernel_size``) from the channel-wise mean and max maps to one map,
+      :math:`2 \cdot 7 \cdot 7 + 1` parameters. The authors' code follows this
+      convolution with a BatchNorm; this block keeps the paper's plain convolution
+      with a bias, so it has no batch statistics.
+
+    Average pooling (over space and over channels) accumulates in float32 for half
+    types.
+
+    Only 2D feature maps :math:`(N, C, H, W)` are accepted: the paper defines the
+    spatial step with a 2D convolution, and the block builds it for 2D at
+    construction. Other ranks raise :class:`~attnblocks.InvalidInputError`.
+
+    Identity init is available: ``init="identity"`` makes both pre-gates exactly 0
+    for every input (the MLP as in :class:`~attnblocks.SEBlock`: :math:`W_0 = 0`, a
+    constant hidden vector and a last layer whose output cancels its bias exactly;
+    the spatial convolution's weight and bias at 0) and scales both gates by
+    :math:`1/\sigma(0) = 2`. The output equals the input exactly, and every
+    parameter receives gradient (the spatial weights see the non-zero pooled maps,
+    :math:`W_0` sees the non-zero :math:`W_1`).
+
+    Args:
+        channels: :math:`C`, the number of input (and output) channels.
+        reduction: :math:`r`, the channel MLP's reduction ratio (16 in the paper);
+            the hidden width is ``max(1, floor(C / r))``.
+        hidden_channels: explicit hidden width, overriding ``reduction``.
+        activation: :math:`\delta` of the MLP (ReLU in the paper).
+        gate: :math:`\sigma` of both steps (sigmoid in the paper).
+        bias: whether the MLP's layers have biases (the spatial convolution always has one).
+        spatial_kernel_size: odd size of the spatial convolution (7 in the paper, which
+            also tries 3).
+        init: ``"default"`` (PyTorch's initialisation) or ``"identity"``.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`, any floating dtype, contiguous or channels_last.
+        - Output: same shape, dtype and memory format as the input.
+
+    The channel gate :math:`M_c` (shape :math:`(N, C)`) goes to the gate hooks and
+    :meth:`excitation`; the spatial map :math:`M_s` (shape :math:`(N, 1, H, W)`) is
+    returned by :meth:`spatial_map`.
+
+    Example:
+        >>> import torch
+        >>> from attnblocks import CBAMBlock
+        >>> cbam = CBAMBlock(256, reduction=16)
+        >>> sum(p.numel() for p in cbam.parameters())  # 2*256*16 + 16 + 256 + 2*7*7 + 1
+        8563
+        >>> x = torch.randn(2, 256, 14, 14)
+        >>> cbam(x).shape
+        torch.Size([2, 256, 14, 14])
+        >>> cbam.excitation(x).shape, cbam.spatial_map(x).shape
+        (torch.Size([2, 256]), torch.Size([2, 1, 14, 14]))
+        >>> torch.equal(CBAMBlock(256, init="identity")(x), x)
+        True
+    """
+
+    supports_identity_init = True
+    has_channel_gate = True
+    #: The numbers of spatial dimensions the block accepts.
+    spatial_dims: tuple[int, ...] = (2,)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: float = 16,
+        hidden_channels: int | None = None,
+        activation: LayerSpec = "relu",
+        gate: LayerSpec = "sigmoid",
+        bias: bool = True,
+        spatial_kernel_size: int = 7,
+        init: Literal["default", "identity"] = "default",
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.channels = check_positive_int(channels, "channels", owner=owner)
+        self.reduction, self.hidden_channels = hidden_width(
+            self.channels, reduction, hidden_channels, owner=owner
+        )
+        check_bool(bias, "bias", owner=owner)
+        self.spatial_kernel_size = check_positive_int(
+            spatial_kernel_size, "spatial_kernel_size", owner=owner
+        )
+        if self.spatial_kernel_size % 2 == 0:
+            raise InvalidArgumentError(
+                f"{owner}: spatial_kernel_size must be odd (the map keeps its size), "
+                f"got {spatial_kernel_size}."
+            )
+        self.init = check_init(init, _INIT_MODES, owner=owner)
+        if self.init == "identity" and not bias:
+            raise InvalidArgumentError(
+                f"{owner}: init='identity' needs bias=True (the identity start is built "
+                "from the biases); got bias=False."
+            )
+        self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
+        self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
+        self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
+        k = self.spatial_kernel_size
+        self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
+        self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
+        self.gate_scale = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the parameters according to ``self.init``."""
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+        self.spatial_conv.reset_parameters()
+        self.gate_scale = 1.0
+        if self.init == "identity":
+            owner = type(self).__name__
+            zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
+            with torch.no_grad():
+                self.spatial_conv.weight.zero_()
+                if self.spatial_conv.bias is not None:
+                    self.spatial_conv.bias.zero_()
+            self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
+
+    def _check(self, x: object) -> None:
+        check_block_input(
+            x,
+            self.channels,
+            owner=type(self).__name__,
+            spatial_dims=self.spatial_dims,
+            reason="its spatial attention is a 2D convolution",
+        )
+
+    def _mlp(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(z)))
+
+    def _channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        avg = to_dtype_of(global_avg_pool(x), self.fc1.weight)
+        mx = to_dtype_of(global_max_pool(x), self.fc1.weight)
+        gate = self.gate(self._mlp(avg) + self._mlp(mx))
+        if self.gate_scale != 1.0:
+            gate = gate * self.gate_scale
+        return gate
+
+    def _spatial_gate(self, refined: torch.Tensor) -> torch.Tensor:
+        avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined))
+        mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
+        maps = to_dtype_of(torch.cat([avg, mx], dim=1), self.spatial_conv.weight)
+        gate = self.gate(self.spatial_conv(maps))
+        if self.gate_scale != 1.0:
+            gate = gate * self.gate_scale
+        return gate
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the channel gate :math:`M_c(x)` of shape :math:`(N, C)`."""
+        self._check(x)
+        return self._channel_gate(x)
+
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the spatial gate :math:`M_s(F')` of shape :math:`(N, 1, H, W)`.
+
+        It is computed, as in ``forward``, on :math:`F' = M_c(x) \\otimes x`.
+        """
+        self._check(x)
+        gate = self._channel_gate(x)
+        return self._spatial_gate(x * gate.to(x.dtype)[:, :, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the channel gate, then the spatial gate (eq. 1)."""
+        self._check(x)
+        gate = self._channel_gate(x)
+        self._emit_gate(gate)
+        refined = x * gate.to(x.dtype)[:, :, None, None]
+        out = refined * self._spatial_gate(refined).to(x.dtype)
+        return match_memory_format(out, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
+            f"spatial_kernel_size={self.spatial_kernel_size}, gate_scale={self.gate_scale}"
+        )

@@ -1,0 +1,175 @@
+"""Coordinate Attention block.
+
+Paper: Qibin Hou, Daquan Zhou, Jiashi Feng, "Coordinate Attention for Efficient Mobile
+Network Design", CVPR 2021, https://arxiv.org/abs/2103.02907
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attnblocks._validation import check_positive_int
+from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
+from attnblocks.blocks._ops import (
+    accumulation_dtype,
+    check_block_input,
+    match_memory_format,
+    to_dtype_of,
+)
+from attnblocks.blocks._options import check_bool, check_init, hidden_width
+from attnblocks.blocks._registry import register_block
+
+__all__ = ["CoordAttentionBlock"]
+
+_INIT_MODES = ("default",)
+_NO_IDENTITY = (
+    "an exact identity needs gates g_h(i) * g_w(j) = 1 for every input, which (each gate "
+    "seeing only its own row or column) means gates that do not depend on the input; "
+    "the BatchNorm after the shared convolution then sees a constant, which "
+    "training-mode BatchNorm normalises to 0, so its weight would get no gradient."
+)
+
+
+@register_block("coord")
+class CoordAttentionBlock(AttentionBlock):
+    r"""Coordinate Attention (Hou et al., CVPR 2021, arXiv:2103.02907).
+
+    Coordinate attention factorises global pooling into two 1D poolings, so the gates
+    keep the position along each axis (eqs. 4-9):
+
+    * **coordinate information embedding**: :math:`z^h_c(h) = \text{mean}_w\, x_c(h, w)`
+      and :math:`z^w_c(w) = \text{mean}_h\, x_c(h, w)` (float32 accumulation for half
+      types);
+    * **coordinate attention generation**: :math:`f = \delta(\text{BN}(F_1([z^h, z^w])))`,
+      a shared :math:`1 \times 1` convolution :math:`F_1` from :math:`C` to
+      :math:`C/r` channels over the concatenated :math:`H + W` positions, BatchNorm and
+      h-swish :math:`\delta`; :math:`f` is split back into :math:`f^h, f^w` and
+      :math:`g^h = \sigma(F_h(f^h))`, :math:`g^w = \sigma(F_w(f^w))`, two
+      :math:`1 \times 1` convolutions back to :math:`C` channels;
+    * :math:`y_c(i, j) = x_c(i, j) \cdot g^h_c(i) \cdot g^w_c(j)`.
+
+    The hidden width is ``max(8, floor(C / r))`` with :math:`r = 32`, as in the
+    authors' code. Parameters: :math:`C m + m` (:math:`F_1`) + :math:`2m` (BN) +
+    :math:`2(m C + C)` (:math:`F_h, F_w`), with :math:`m` the hidden width.
+
+    Only 2D feature maps :math:`(N, C, H, W)` are accepted: the block is defined by its
+    two axes, height and width. Other ranks raise :class:`~attnblocks.InvalidInputError`.
+    BatchNorm makes the output depend on the rest of the batch in training mode (as
+    in the paper); in eval mode every sample is processed independently.
+
+    Identity init is not available: an exact identity needs
+    :math:`g^h_c(i) \cdot g^w_c(j) = 1` for every input, and since each gate sees only
+    its own row or column, gates that do not depend on the input. The BatchNorm after
+    :math:`F_1` then sees a constant, which training-mode BatchNorm normalises to 0, so
+    its weight would get no gradient.
+
+    The block has no per-channel gate (``has_channel_gate`` is False): its gates vary
+    along :math:`H` and :math:`W`. :meth:`coordinate_maps` returns them.
+
+    Args:
+        channels: :math:`C`, the number of input (and output) channels.
+        reduction: :math:`r` (32 in the paper).
+        hidden_channels: explicit hidden width :math:`m`, overriding ``reduction``.
+        activation: :math:`\delta` (h-swish in the paper: ``"hard_swish"``).
+        gate: :math:`\sigma` of both directions (sigmoid in the paper).
+        bias: whether the three convolutions have biases.
+        init: ``"default"`` only (PyTorch's initialisation).
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`, any floating dtype, contiguous or channels_last.
+        - Output: same shape, dtype and memory format as the input.
+
+    Example:
+        >>> import torch
+        >>> from attnblocks import CoordAttentionBlock
+        >>> ca = CoordAttentionBlock(256)
+        >>> ca.hidden_channels, sum(p.numel() for p in ca.parameters())
+        (8, 6680)
+        >>> x = torch.randn(2, 256, 14, 10)
+        >>> ca(x).shape
+        torch.Size([2, 256, 14, 10])
+        >>> [g.shape for g in ca.coordinate_maps(x)]
+        [torch.Size([2, 256, 14, 1]), torch.Size([2, 256, 1, 10])]
+    """
+
+    supports_identity_init = False
+    has_channel_gate = False
+    #: The numbers of spatial dimensions the block accepts.
+    spatial_dims: tuple[int, ...] = (2,)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: float = 32,
+        hidden_channels: int | None = None,
+        activation: LayerSpec = "hard_swish",
+        gate: LayerSpec = "sigmoid",
+        bias: bool = True,
+        init: Literal["default"] = "default",
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.channels = check_positive_int(channels, "channels", owner=owner)
+        self.reduction, self.hidden_channels = hidden_width(
+            self.channels, reduction, hidden_channels, owner=owner
+        )
+        if hidden_channels is None:
+            self.hidden_channels = max(8, self.hidden_channels)
+        check_bool(bias, "bias", owner=owner)
+        self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
+        m = self.hidden_channels
+        self.conv1 = nn.Conv2d(self.channels, m, 1, bias=bias)
+        self.bn1 = nn.BatchNorm2d(m)
+        self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
+        self.conv_h = nn.Conv2d(m, self.channels, 1, bias=bias)
+        self.conv_w = nn.Conv2d(m, self.channels, 1, bias=bias)
+        self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the parameters and BatchNorm statistics."""
+        for layer in (self.conv1, self.bn1, self.conv_h, self.conv_w):
+            layer.reset_parameters()
+
+    def _check(self, x: object) -> None:
+        check_block_input(
+            x,
+            self.channels,
+            owner=type(self).__name__,
+            spatial_dims=self.spatial_dims,
+            reason="its gates are defined along height and width",
+        )
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = x.shape[2], x.shape[3]
+        acc = accumulation_dtype(x)
+        along_h = x.mean(dim=3, keepdim=True, dtype=acc)  # (N, C, H, 1)
+        along_w = x.mean(dim=2, keepdim=True, dtype=acc)  # (N, C, 1, W)
+        joint = torch.cat([along_h, along_w.transpose(2, 3)], dim=2)  # (N, C, H + W, 1)
+        joint = self.act(self.bn1(self.conv1(to_dtype_of(joint, self.conv1.weight))))
+        f_h, f_w = torch.split(joint, [height, width], dim=2)
+        g_h = self.gate(self.conv_h(f_h))  # (N, C, H, 1)
+        g_w = self.gate(self.conv_w(f_w.transpose(2, 3)))  # (N, C, 1, W)
+        return g_h, g_w
+
+    def coordinate_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the height and width gates :math:`(g^h, g^w)` that ``forward`` applies.
+
+        Their shapes are :math:`(N, C, H, 1)` and :math:`(N, C, 1, W)`; their dtype is
+        the parameters'.
+        """
+        self._check(x)
+        return self._gates(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight ``x`` by its height gate and its width gate."""
+        self._check(x)
+        g_h, g_w = self._gates(x)
+        return match_memory_format(x * g_h.to(x.dtype) * g_w.to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden_channels={self.hidden_channels}"

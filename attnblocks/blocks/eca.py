@@ -1,0 +1,189 @@
+"""Efficient Channel Attention (ECA) block.
+
+Paper: Qilong Wang, Banggu Wu, Pengfei Zhu, Peihua Li, Wangmeng Zuo, Qinghua Hu,
+"ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks",
+CVPR 2020, https://arxiv.org/abs/1910.03151
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attnblocks._errors import InvalidArgumentError
+from attnblocks._validation import check_positive_int, check_positive_number
+from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._identity import identity_gate_scale
+from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
+from attnblocks.blocks._ops import (
+    check_block_input,
+    global_avg_pool,
+    match_memory_format,
+    to_dtype_of,
+)
+from attnblocks.blocks._options import check_bool, check_init
+from attnblocks.blocks._registry import register_block
+
+__all__ = ["ECABlock", "eca_kernel_size"]
+
+_INIT_MODES = ("default", "identity")
+
+
+def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
+    r"""The adaptive kernel size of ECA (eq. 12): :math:`k = |\log_2(C)/\gamma + b/\gamma|_{odd}`.
+
+    :math:`|t|_{odd}` is the odd number nearest to :math:`t`; when :math:`t` is an even
+    integer (two odd numbers are equally near) the larger one is taken, as in the
+    authors' code (``int(t)``, plus one if even).
+
+    Args:
+        channels: :math:`C`.
+        gamma: :math:`\gamma` (2 in the paper).
+        beta: the paper's :math:`b` (1 in the paper).
+
+    >>> [eca_kernel_size(c) for c in (16, 64, 128, 256, 512, 1024, 2048)]
+    [3, 3, 5, 5, 5, 5, 7]
+    """
+    t = int(abs(math.log2(channels) / gamma + beta / gamma))
+    return t if t % 2 == 1 else t + 1
+
+
+@register_block("eca")
+class ECABlock(AttentionBlock):
+    r"""Efficient Channel Attention (Wang et al., CVPR 2020, arXiv:1910.03151).
+
+    ECA replaces SE's bottleneck MLP by a 1D convolution across neighbouring
+    channels, without dimensionality reduction:
+
+    * :math:`z_c = \text{mean}_{\text{spatial}}(x_c)`, global average pooling
+      (accumulated in float32 for half types);
+    * :math:`s = \sigma(\text{conv1d}_k(z))`, a single-channel convolution of size
+      :math:`k` over the channel axis, zero-padded to keep one gate per channel;
+    * :math:`\tilde{x}_c = s_c \cdot x_c`.
+
+    The block has exactly :math:`k` parameters (plus one with ``bias=True``).
+    :math:`k` follows the paper's adaptive rule :func:`eca_kernel_size` unless
+    ``kernel_size`` is given.
+
+    Identity init is available: ``init="identity"`` sets the convolution's weight
+    (and bias) to 0, so the pre-gate is exactly 0, and scales the gate by
+    :math:`1/\sigma(0) = 2`. The output then equals the input exactly, and the
+    weight still receives gradient, since :math:`\partial s_c / \partial w_j` is
+    proportional to the pooled neighbours :math:`z_{c+j}`, not to another weight.
+
+    Args:
+        channels: :math:`C`, the number of input (and output) channels.
+        kernel_size: explicit odd kernel size :math:`k`, overriding the adaptive rule.
+        gamma: :math:`\gamma` of the adaptive rule.
+        beta: :math:`b` of the adaptive rule.
+        gate: :math:`\sigma`: ``"sigmoid"``, ``"hard_sigmoid"``, an ``nn.Module`` class
+            or factory, a module instance or a tensor function.
+        bias: whether the convolution has a bias (the paper's has none).
+        init: ``"default"`` (PyTorch's ``nn.Conv1d`` initialisation) or ``"identity"``.
+
+    Shape:
+        - Input: :math:`(N, C, *)` with 1 to 3 spatial dimensions, any floating dtype,
+          contiguous or channels_last.
+        - Output: same shape, dtype and memory format as the input.
+
+    Example:
+        >>> import torch
+        >>> from attnblocks import ECABlock
+        >>> eca = ECABlock(256)
+        >>> eca.kernel_size, sum(p.numel() for p in eca.parameters())
+        (5, 5)
+        >>> x = torch.randn(2, 256, 14, 14)
+        >>> eca(x).shape
+        torch.Size([2, 256, 14, 14])
+        >>> eca.excitation(x).shape
+        torch.Size([2, 256])
+        >>> torch.equal(ECABlock(256, init="identity")(x), x)
+        True
+    """
+
+    supports_identity_init = True
+    has_channel_gate = True
+    #: The numbers of spatial dimensions the block accepts.
+    spatial_dims: tuple[int, ...] = (1, 2, 3)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int | None = None,
+        gamma: float = 2.0,
+        beta: float = 1.0,
+        gate: LayerSpec = "sigmoid",
+        bias: bool = False,
+        init: Literal["default", "identity"] = "default",
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.channels = check_positive_int(channels, "channels", owner=owner)
+        self.gamma = check_positive_number(gamma, "gamma", owner=owner)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            raise InvalidArgumentError(f"{owner}: beta must be a finite number, got {beta!r}.")
+        self.beta = float(beta)
+        if kernel_size is None:
+            self.kernel_size = eca_kernel_size(self.channels, self.gamma, self.beta)
+        else:
+            self.kernel_size = check_positive_int(kernel_size, "kernel_size", owner=owner)
+            if self.kernel_size % 2 == 0:
+                raise InvalidArgumentError(
+                    f"{owner}: kernel_size must be odd (the convolution is centred on each "
+                    f"channel), got {kernel_size}."
+                )
+        check_bool(bias, "bias", owner=owner)
+        self.init = check_init(init, _INIT_MODES, owner=owner)
+        self.conv = nn.Conv1d(
+            1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=bias
+        )
+        self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
+        self.gate_scale = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the parameters according to ``self.init``."""
+        self.conv.reset_parameters()
+        self.gate_scale = 1.0
+        if self.init == "identity":
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                if self.conv.bias is not None:
+                    self.conv.bias.zero_()
+            self.gate_scale = identity_gate_scale(
+                self.gate, self.conv.weight, owner=type(self).__name__
+            )
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the gate :math:`s` of shape :math:`(N, C)` the block would apply to ``x``."""
+        check_block_input(
+            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
+        )
+        return self._excitation(x)
+
+    def _excitation(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = to_dtype_of(global_avg_pool(x), self.conv.weight)
+        gate = self.gate(self.conv(pooled.unsqueeze(1)).squeeze(1))
+        if self.gate_scale != 1.0:
+            gate = gate * self.gate_scale
+        return gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Re-weight the channels of ``x`` by the ECA gate."""
+        check_block_input(
+            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
+        )
+        gate = self._excitation(x)
+        self._emit_gate(gate)
+        shape = gate.shape + (1,) * (x.dim() - 2)
+        return match_memory_format(x * gate.to(x.dtype).view(shape), x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, "
+            f"gate_scale={self.gate_scale}"
+        )

@@ -1,0 +1,389 @@
+"""The contract every registered attention block honours.
+
+The tests are parametrised over :func:`attnblocks.available_blocks`, so a block is
+tested here as soon as it is registered. ``EXTRA_OPTIONS`` adds non-default
+configurations of known blocks; a new block needs no entry.
+
+What a block promises (see :class:`attnblocks.AttentionBlock`):
+
+* ``Block(channels, *, options)``; any ``(N, C, *spatial)`` floating input whose
+  spatial rank is in ``block.spatial_dims`` (1 to 3 when the attribute is absent)
+  maps to a tensor of the same shape, dtype and memory format;
+* samples are independent in eval mode;
+* a block with ``has_channel_gate`` passes one ``(N, C)`` gate per forward to its
+  gate hooks; a block without never calls them;
+* every parameter receives gradient;
+* deepcopy, pickle and ``state_dict`` round trips give the same function;
+* misuse raises the library's errors;
+* ``init="identity"`` is an exact, trainable identity where
+  ``supports_identity_init``, and an error naming the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+import re
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnblocks
+from attnblocks import (
+    AttentionBlock,
+    ChannelMismatchError,
+    InvalidArgumentError,
+    InvalidInputError,
+    available_blocks,
+    create_block,
+)
+from attnblocks.blocks import get_block_class
+
+#: Non-default configurations run through the same contract.
+EXTRA_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    "cbam": [{"spatial_kernel_size": 3, "activation": "silu"}],
+    "eca": [{"kernel_size": 5, "bias": True}],
+    "gc": [{"fusion": "mul"}],
+    "ge": [
+        {"extent": 2},
+        {"variant": "theta", "extent": 4},
+        {"variant": "theta_plus", "extent": 2, "reduction": 4},
+    ],
+    "scse": [{"combine": "max"}],
+    "se": [{"activation": "gelu", "gate": "hard_sigmoid"}],
+}
+
+#: Configurations whose output is exactly ``x * gate`` with the hooked ``(N, C)`` gate.
+PURE_CHANNEL_GATES: set[tuple[str, str]] = {
+    ("se", ""),
+    ("se", "activation=gelu,gate=hard_sigmoid"),
+    ("eca", ""),
+    ("eca", "kernel_size=5,bias=True"),
+    ("ge", ""),
+    ("gc", "fusion=mul"),
+}
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_EXAMPLES = 12
+
+
+def _options_id(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for name in available_blocks():
+        for options in [{}, *EXTRA_OPTIONS.get(name, [])]:
+            label = name + (f"[{_options_id(options)}]" if options else "")
+            cases.append(pytest.param(name, options, id=label))
+    return cases
+
+
+CASES = _cases()
+
+
+def build(name: str, channels: int, options: dict[str, Any], **extra: Any) -> Any:
+    return create_block(name, channels, **options, **extra)
+
+
+def spatial_ranks(block: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(getattr(block, "spatial_dims", (1, 2, 3)))
+
+
+def memory_formats(rank: int) -> list[torch.memory_format]:
+    extra = {2: [torch.channels_last], 3: [torch.channels_last_3d]}.get(rank, [])
+    return [torch.contiguous_format, *extra]
+
+
+def gate_upper_bound(block: torch.nn.Module) -> float:
+    return float(getattr(block, "gate_scale", 1.0))
+
+
+@st.composite
+def inputs(
+    draw: st.DrawFn,
+    block: torch.nn.Module,
+    *,
+    min_batch: int = 1,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+) -> torch.Tensor:
+    """A random input the block accepts: rank, sizes, batch, dtype and memory format."""
+    rank = draw(st.sampled_from(spatial_ranks(block)))
+    batch = draw(st.integers(min_batch, 3))
+    sizes = draw(st.lists(st.integers(1, 6), min_size=rank, max_size=rank))
+    dtype = draw(st.sampled_from(dtypes))
+    fmt = draw(st.sampled_from(memory_formats(rank)))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, block.channels, *sizes, generator=generator)
+    return x.to(dtype).contiguous(memory_format=fmt)
+
+
+def input_format(x: torch.Tensor) -> torch.memory_format:
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if fmt is torch.channels_last and x.dim() != 4:
+            continue
+        if fmt is torch.channels_last_3d and x.dim() != 5:
+            continue
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    raise AssertionError("inputs() only makes dense tensors")
+
+
+# -- shape, dtype, memory format -------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_output_keeps_shape_dtype_and_memory_format(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options)
+    training = data.draw(st.booleans(), label="training")
+    block.train(training)
+    x = data.draw(inputs(block, min_batch=2 if training else 1, dtypes=DTYPES), label="x")
+    if data.draw(st.booleans(), label="block in the input's dtype"):
+        block.to(x.dtype)
+    fmt = input_format(x)
+    with torch.no_grad():
+        y = block(x)
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=fmt), f"input was {fmt}, output strides {y.stride()}"
+    assert torch.isfinite(y).all()
+
+
+# -- batch independence --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_samples_are_independent_in_eval_mode(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options).double().eval()
+    x = data.draw(inputs(block, min_batch=2, dtypes=(torch.float64,)), label="x")
+    with torch.no_grad():
+        together = block(x)
+        for i in range(x.shape[0]):
+            alone = block(x[i : i + 1])
+            torch.testing.assert_close(alone[0], together[i], rtol=1e-9, atol=1e-12)
+
+
+# -- channel gate ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_channel_gate_reaches_hooks_in_range(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options).double().eval()
+    x = data.draw(inputs(block, dtypes=(torch.float64,)), label="x")
+    x.requires_grad_(True)
+    seen: list[torch.Tensor] = []
+    handle = block.register_gate_hook(lambda module, gate: seen.append(gate))
+    y = block(x)
+    if not block.has_channel_gate:
+        assert seen == []
+        return
+    assert len(seen) == 1
+    (gate,) = seen
+    assert gate.shape == (x.shape[0], channels)
+    assert not gate.requires_grad
+    assert bool(((gate >= 0) & (gate <= gate_upper_bound(block))).all())
+    if hasattr(block, "excitation"):
+        torch.testing.assert_close(block.excitation(x).detach(), gate)
+    if (name, _options_id(options)) in PURE_CHANNEL_GATES:
+        expected = x * gate.view(gate.shape + (1,) * (x.dim() - 2))
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    handle.remove()
+    block(x)
+    assert len(seen) == 1
+
+
+# -- gradients --------------------------------------------------------------------
+
+
+def _assert_every_parameter_learns(block: torch.nn.Module, x: torch.Tensor) -> None:
+    x = x.clone().requires_grad_(True)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    (block(x) * weights).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, param in block.named_parameters():
+        assert param.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{pname} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
+
+
+def _rank_cases() -> list[Any]:
+    cases = []
+    for case in CASES:
+        name, options = case.values
+        ranks = spatial_ranks(build(name, 8, options))
+        for rank in ranks:
+            cases.append(pytest.param(name, options, rank, id=f"{case.id}-{rank}d"))
+    return cases
+
+
+RANK_CASES = _rank_cases()
+
+
+@pytest.mark.parametrize(("name", "options", "rank"), RANK_CASES)
+def test_every_parameter_receives_gradient(name: str, options: dict[str, Any], rank: int) -> None:
+    torch.manual_seed(0)
+    block = build(name, 64, options).train()
+    x = torch.randn(4, 64, *([6] * rank), generator=torch.Generator().manual_seed(2))
+    _assert_every_parameter_learns(block, x)
+
+
+# -- serialisation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_deepcopy_pickle_and_state_dict_round_trip(name: str, options: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    block = build(name, 16, options)
+    ranks = spatial_ranks(block)
+    x = torch.randn(3, 16, *([5] * ranks[-1]), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        block.train()(x)  # moves BatchNorm statistics, if any, away from their defaults
+        block.eval()
+        expected = block(x)
+        torch.manual_seed(1)
+        fresh = build(name, 16, options).eval()
+        fresh.load_state_dict(block.state_dict())
+        restored = pickle.loads(pickle.dumps(block))
+        for clone in (copy.deepcopy(block), restored, fresh):
+            assert type(clone) is type(block)
+            torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    hooks: list[torch.Tensor] = []
+    restored.register_gate_hook(lambda module, gate: hooks.append(gate))
+    restored(x)
+    assert len(hooks) == int(restored.has_channel_gate)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> None:
+    block = build(name, 6, options)
+    ranks = spatial_ranks(block)
+    good = torch.randn(2, 6, *([4] * ranks[0]))
+
+    wrong_channels = torch.randn(2, 7, *([4] * ranks[0]))
+    with pytest.raises(ChannelMismatchError, match=r"6 channels.*7 channels"):
+        block(wrong_channels)
+
+    for rank in [0, 1, 2, 3, 4]:
+        if rank in ranks:
+            continue
+        bad = torch.randn(2, 6, *([4] * rank))
+        with pytest.raises(InvalidInputError, match=re.escape(str(tuple(bad.shape)))):
+            block(bad)
+
+    with pytest.raises(InvalidInputError, match="floating"):
+        block(good.to(torch.int64))
+    with pytest.raises(InvalidInputError, match="list"):
+        block(good.tolist())
+
+    for channels in (0, -3, 2.5, True, "6"):
+        with pytest.raises(InvalidArgumentError, match="channels"):
+            build(name, channels, options)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="no_such_option"):
+        build(name, 6, options, no_such_option=1)
+    with pytest.raises(InvalidArgumentError, match="bogus"):
+        build(name, 6, options, init="bogus")
+
+
+def test_unknown_block_name_lists_every_valid_name() -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        create_block("squeeze-excite-v9", 64)
+    message = str(info.value)
+    assert "squeeze-excite-v9" in message
+    for name in available_blocks():
+        assert repr(name) in message
+
+
+# -- identity init ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_identity_init_is_exact_where_supported(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    cls = get_block_class(name)
+    if not cls.supports_identity_init:
+        with pytest.raises(InvalidArgumentError, match="identity"):
+            build(name, 8, options, init="identity")
+        return
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options, init="identity")
+    block.train(data.draw(st.booleans(), label="training"))
+    x = data.draw(inputs(block, dtypes=(torch.float32, torch.float64)), label="x")
+    with torch.no_grad():
+        y = block(x)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+
+
+IDENTITY_CASES = [case for case in CASES if get_block_class(case.values[0]).supports_identity_init]
+
+
+@pytest.mark.parametrize(("name", "options"), IDENTITY_CASES)
+def test_identity_init_is_trainable(name: str, options: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    block = build(name, 32, options, init="identity")
+    rank = spatial_ranks(block)[-1]
+    x = torch.randn(4, 32, *([5] * rank), generator=torch.Generator().manual_seed(4))
+    _assert_every_parameter_learns(block, x)
+    with torch.no_grad():
+        for param in block.parameters():
+            param -= 0.5 * param.grad
+        assert not torch.allclose(block(x), x, atol=1e-4), "one step should move the block"
+
+
+# -- construction contract -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", available_blocks())
+def test_constructor_contract_and_paper_citation(name: str) -> None:
+    cls = get_block_class(name)
+    assert issubclass(cls, AttentionBlock)
+    assert isinstance(create_block(name, 8), cls)
+    assert create_block(cls, 8).channels == 8
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert params[0].name == "channels"
+    assert params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for param in params[1:]:
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY, param.name
+        assert param.default is not inspect.Parameter.empty, param.name
+    assert "init" in {p.name for p in params}
+    module_doc = inspect.getmodule(cls).__doc__ or ""
+    assert "https://" in module_doc, "the module header should link the paper"
+    assert re.search(r"et al\.,[^)]*\b(19|20)\d\d\b", cls.__doc__ or ""), "cite the paper"
+    assert "identity" in (cls.__doc__ or "").lower()
+    assert f"channels={8}" in repr(create_block(name, 8))
+
+
+def test_every_block_is_exported() -> None:
+    for name in available_blocks():
+        cls = get_block_class(name)
+        assert getattr(attnblocks, cls.__name__) is cls
+        assert cls.__name__ in attnblocks.__all__
