@@ -32,8 +32,11 @@ class AttentionBlock(nn.Module):
 
     #: Whether ``init="identity"`` makes the block an exact identity map.
     supports_identity_init: ClassVar[bool] = False
-    #: Whether the block applies a per-(sample, channel) gate.
-    has_channel_gate: ClassVar[bool] = True
+    #: Whether the block applies a per-(sample, channel) gate (some blocks decide
+    #: per instance, so read it from the instance).
+    has_channel_gate: bool = True
+    #: The numbers of spatial dimensions the block accepts (1: Conv1d features, ...).
+    spatial_dims: tuple[int, ...] = (1, 2, 3)
 
     channels: int
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def make_layer(
             built = None
         if isinstance(built, nn.Module):
             return built
-        return LambdaLayer(spec)
+        return LambdaLayer(cast(Callable[[torch.Tensor], torch.Tensor], spec))
     raise InvalidArgumentError(
         f"{owner}: {arg} must be a name {sorted(table)}, an nn.Module class or instance, "
         f"or a callable, got {spec!r} (type {type(spec).__name__})."

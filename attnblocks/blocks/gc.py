@@ -132,7 +132,7 @@ class GlobalContextBlock(AttentionBlock):
         self.fusion = check_choice(fusion, "fusion", _FUSIONS, owner=owner)
         self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
         # Per instance: only multiplicative fusion applies a channel gate.
-        self.has_channel_gate = self.fusion == "mul"  # type: ignore[misc]
+        self.has_channel_gate = self.fusion == "mul"
         h = self.hidden_channels
         #: :math:`W_k`, the 1x1 convolution giving the attention logits, as a
         #: ``(1, C)`` linear map so that it serves every spatial rank.

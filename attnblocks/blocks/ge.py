@@ -169,7 +169,7 @@ class GatherExciteBlock(AttentionBlock):
         check_bool(bias, "bias", owner=owner)
         self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
         # Per instance: a global gather gives a channel gate, a local one a spatial gate.
-        self.has_channel_gate = self.extent is None  # type: ignore[misc]
+        self.has_channel_gate = self.extent is None
         self.spatial_dims = (2,) if parametric else (1, 2, 3)
 
         self.gather: nn.Sequential | None = None
