@@ -44,6 +44,7 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
         gamma: :math:`\gamma` (2 in the paper).
         beta: the paper's :math:`b` (1 in the paper).
 
+    >>> from attnblocks.blocks import eca_kernel_size
     >>> [eca_kernel_size(c) for c in (16, 64, 128, 256, 512, 1024, 2048)]
     [3, 3, 5, 5, 5, 5, 7]
     """
