@@ -20,6 +20,7 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
@@ -205,11 +206,51 @@ def _progress_factory(enabled: bool) -> Any:
     return tqdm
 
 
+# --- torchrun -----------------------------------------------------------------------------------
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); sets up a process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
-def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    device = pick_device(args.device)
+def train_all(
+    args: argparse.Namespace,
+    run_dir: Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train every arm and seed; rank 0 writes config, metrics, summary and checkpoints."""
+    device = device or pick_device(args.device)
+    lead = rank == 0
+    say: Any = print if lead else (lambda *_, **__: None)
     recipe = get_recipe(
         args.recipe,
         epochs=args.epochs,
@@ -219,40 +260,39 @@ def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         channels_last=args.channels_last,
     )
     amp = autocast_dtype(recipe.precision, device)
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "args": {k: getattr(args, k) for k in SAVED_KEYS},
-                "recipe": recipe.to_dict(),
-                "environment": environment(device),
-            },
-            indent=2,
-        )
-    )
+    env = {**environment(device), "world_size": world}
+    if lead:
+        config = {
+            "args": {k: getattr(args, k) for k in SAVED_KEYS},
+            "recipe": recipe.to_dict(),
+            "environment": env,
+        }
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     test_count = args.test_subset or (max(100, args.subset // 5) if args.subset else None)
     cache = args.cache_dir or str(run_dir.parent / ".cache")
     t0 = time.perf_counter()
     train, test = load_cifar10(
         args.data_dir,
         download_root=args.download_root,
-        cache_dir=cache,
+        cache_dir=cache if lead or world == 1 else None,
         train_count=args.subset,
         test_count=test_count,
         seed=args.seed,
     )
-    print(
+    say(
         f"data: {len(train)} train / {len(test)} test images, {len(train.classes)} classes "
         f"({time.perf_counter() - t0:.1f}s)"
     )
-    print(
-        f"recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}, "
+    say(
+        f"recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}"
+        f"{f' per process x {world} processes' if world > 1 else ''}, "
         f"{recipe.optimizer} lr {recipe.lr}, precision {recipe.precision} "
         f"({amp or torch.float32}), channels_last {recipe.channels_last}, device {device}"
     )
-    progress = _progress_factory(not args.no_progress)
+    progress = _progress_factory(lead and not args.no_progress)
     summary: dict[str, Any] = {
         "recipe": recipe.to_dict(),
-        "environment": environment(device),
+        "environment": env,
         "data": {
             "data_dir": args.data_dir,
             "train": len(train),
@@ -265,11 +305,12 @@ def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     iterations: list[dict[str, Any]] = []
     for arm in args.arm_list:
         arm_runs = []
+        params = 0
         for seed in range(args.seed, args.seed + args.seeds):
             torch.manual_seed(seed)
             model = build_model(arm, num_classes=len(train.classes))
             params = count_parameters(model)
-            print(f"[{arm} seed {seed}] {params:,} parameters")
+            say(f"[{arm} seed {seed}] {params:,} parameters")
             ckpt = run_dir / "checkpoints" / f"{arm}-seed{seed}.pt"
             start = time.perf_counter()
             model, state = train_run(
@@ -281,9 +322,13 @@ def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                 device=device,
                 checkpoint=ckpt,
                 progress=progress,
-                log=lambda line, arm=arm, seed=seed: print(f"[{arm} seed {seed}] {line}"),
+                log=lambda line, arm=arm, seed=seed: say(f"[{arm} seed {seed}] {line}"),
+                rank=rank,
+                world_size=world,
             )
             wall = time.perf_counter() - start
+            if not lead:
+                continue
             latency = {
                 f"batch{bs}": measure_latency(
                     model, device, batch_size=bs, amp=amp, channels_last=recipe.channels_last
@@ -312,6 +357,8 @@ def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                     "checkpoint": str(ckpt.relative_to(run_dir)),
                 }
             )
+        if not lead:
+            continue
         finals = [r["final_test_acc"] for r in arm_runs]
         mean, std = mean_std(finals)
         summary["arms"][arm] = {
@@ -327,9 +374,10 @@ def train_all(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             [r["final_test_acc"] for r in summary["arms"]["se"]["runs"]],
             names=("baseline", "se"),
         ).to_dict()
-    write_csv(run_dir / "metrics.csv", metrics)
-    write_csv(run_dir / "iterations.csv", iterations)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if lead:
+        write_csv(run_dir / "metrics.csv", metrics)
+        write_csv(run_dir / "iterations.csv", iterations)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -357,22 +405,35 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.run_dir = None
+    rank, world, device = 0, 1, None
     try:
         if args.compare:
             from se_cifar.report import compare_runs
 
             if not args.out:
                 raise SystemExit("--compare needs --out: the folder for the joint summary.")
-            out = Path(args.out)
-            summary = compare_runs([Path(d) for d in args.compare], out, plots=not args.no_plots)
+            summary = compare_runs(
+                [Path(d) for d in args.compare], Path(args.out), plots=not args.no_plots
+            )
             print_summary(summary)
             return 0
-        run_dir = prepare_run_dir(args)
+        rank, world, device = init_distributed(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif world > 1 and device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        run_dir = prepare_run_dir(args) if rank == 0 else None
+        run_dir = Path(_broadcast(str(run_dir) if run_dir else None, world))
+        if rank != 0 and args.resume:
+            prepare_run_dir(args)  # read the saved settings, as rank 0 did
         args.run_dir = run_dir
-        print(f"run folder: {run_dir}")
-        summary = train_all(args, run_dir)
+        if rank == 0:
+            print(f"run folder: {run_dir}")
+        summary = train_all(args, run_dir, rank=rank, world=world, device=device)
+        if rank != 0:
+            return 0
         if not args.no_plots:
             from se_cifar.report import make_figures
 
@@ -384,12 +445,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(
-            f"\n{err}; a checkpoint was written. Continue with:\n"
-            f"  python {sys.argv[0]} --resume {args.run_dir}",
-            file=sys.stderr,
-        )
+        if rank == 0:
+            print(
+                f"\n{err}; a checkpoint was written. Continue with:\n"
+                f"  python {sys.argv[0]} --resume {args.run_dir}",
+                file=sys.stderr,
+            )
         return 130
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ __all__ = [
     "measure_latency",
     "pick_device",
     "train_run",
+    "train_step",
 ]
 
 
@@ -206,6 +207,29 @@ def _batches(n: int, batch_size: int, order: torch.Tensor, start: int) -> Iterat
         yield order[step * batch_size : (step + 1) * batch_size]
 
 
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    amp: torch.dtype | None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch; returns the (detached) loss and logits.
+
+    Under DistributedDataParallel the gradients are averaged over the processes in
+    ``loss.backward()``, so every process takes the same step.
+    """
+    with _autocast(x.device, amp):
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_run(
     model: nn.Module,
     *,
@@ -225,7 +249,13 @@ def train_run(
 
     A checkpoint is written after every epoch and when the run is interrupted
     (``KeyboardInterrupt``), after which :class:`Interrupted` is raised. The same
-    seed gives the same result on the CPU, interrupted and resumed or not.
+    seed gives the same result on the CPU, interrupted and resumed or not (for a
+    single process; under torchrun, rank 0 writes the checkpoints and the other
+    ranks restart their random streams when resuming inside an epoch).
+
+    Under torchrun (``world_size > 1``) the model is wrapped in
+    DistributedDataParallel, each process trains on its own shard of every epoch's
+    permutation (``batch_size`` is per process), and only rank 0 logs and saves.
 
     Args:
         model: the freshly built model (its weights are replaced on resume).
@@ -254,7 +284,7 @@ def train_run(
     steps_per_epoch = math.ceil(local_n / recipe.batch_size)
     scheduler = _make_scheduler(optimizer, recipe, steps_per_epoch)
     state = RunState()
-    torch.manual_seed(_seed_of(seed, 1))
+    torch.manual_seed(_seed_of(seed, 1, rank))  # dropout: a different stream per process
     aug_state: torch.Tensor | None = None
     if checkpoint.exists():
         blob = torch.load(checkpoint, weights_only=False, map_location="cpu")
@@ -264,6 +294,9 @@ def train_run(
         state = blob["state"]
         torch.set_rng_state(blob["torch_rng"])
         aug_state = blob.get("aug_rng")
+        if rank != 0:  # only rank 0's random streams are saved: others restart theirs
+            torch.manual_seed(_seed_of(seed, 1, rank, state.epoch, state.step))
+            aug_state = None
         if state.complete:
             return model, state
         log(f"resuming {checkpoint.name} at epoch {state.epoch + 1}, step {state.step}")
@@ -294,7 +327,7 @@ def train_run(
             len(train), generator=torch.Generator().manual_seed(_seed_of(seed, epoch))
         )
         order = order[rank * local_n : (rank + 1) * local_n].to(device)
-        aug_gen = torch.Generator().manual_seed(_seed_of(seed, epoch, rank, 7))
+        aug_gen = torch.Generator().manual_seed(_seed_of(seed, epoch, rank, 7, state.step))
         if aug_state is not None and state.step > 0:
             aug_gen.set_state(aug_state)
         aug_state = None
@@ -316,18 +349,15 @@ def train_run(
                 y = labels[index]
                 if recipe.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, amp):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, logits = train_step(
+                    net, optimizer, x, y, amp=amp, label_smoothing=recipe.label_smoothing
+                )
                 if recipe.schedule == "onecycle":
                     scheduler.step()
-                value = float(loss.detach())
+                value = float(loss)
                 state.iterations.append((epoch, state.step, value))
                 sums["loss"] += value * len(index)
-                sums["correct"] += float((logits.detach().argmax(1) == y).sum())
+                sums["correct"] += float((logits.argmax(1) == y).sum())
                 sums["seen"] += len(index)
                 state.step += 1
                 if hasattr(batches, "set_postfix") and state.step % 20 == 0:
