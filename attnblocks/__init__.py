@@ -15,6 +15,7 @@ from attnblocks._errors import (
     InvalidArgumentError,
     InvalidInputError,
     SelectorError,
+    SurgeryError,
 )
 from attnblocks._version import __version__
 from attnblocks.blocks import (
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidInputError",
     "SEBlock",
     "SelectorError",
+    "SurgeryError",
     "__version__",
     "available_blocks",
     "create_block",

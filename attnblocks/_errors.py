@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidInputError",
     "SelectorError",
+    "SurgeryError",
 ]
 
 
@@ -37,4 +38,13 @@ class SelectorError(InvalidArgumentError):
     """A module selector is malformed or matches no module of the model.
 
     The message names the selector and suggests the closest real module names.
+    """
+
+
+class SurgeryError(InvalidArgumentError):
+    """A selected module cannot take an attention block, or a model cannot be rewritten.
+
+    For example: the module is called more than once per forward pass, its output
+    is not an ``(N, C, *spatial)`` feature map, its channel count cannot be known
+    without an example input, or it already has a block of the same kind.
     """
