@@ -25,6 +25,14 @@ from attnblocks.blocks import (
     create_block,
     register_block,
 )
+from attnblocks.surgery import (
+    insert_attention,
+    insert_se,
+    plan_attention,
+    plan_se,
+    remove_attention,
+    remove_se,
+)
 
 __all__ = [
     "AttentionBlock",
@@ -38,5 +46,11 @@ __all__ = [
     "__version__",
     "available_blocks",
     "create_block",
+    "insert_attention",
+    "insert_se",
+    "plan_attention",
+    "plan_se",
     "register_block",
+    "remove_attention",
+    "remove_se",
 ]

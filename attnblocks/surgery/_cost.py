@@ -14,14 +14,12 @@ sample, so nothing is allocated or computed. Two numbers are counted per sample:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 __all__ = ["BlockCost", "estimate_block_cost"]
 
@@ -40,29 +38,38 @@ class BlockCost(tuple[int, int]):
         return self[1]
 
 
-class _ElementwiseCounter(TorchDispatchMode):
-    """Counts one op per element of the largest tensor touched by each non-view operator."""
+@functools.cache
+def _elementwise_counter_class() -> type:
+    """The counting dispatch mode, built on first use (torch.utils.flop_counter is slow
+    to import, and ``import attnblocks`` should stay light)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import flop_registry
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
+    class ElementwiseCounter(TorchDispatchMode):
+        """Counts one op per element of the largest tensor of each non-view operator."""
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        packet = getattr(func, "overloadpacket", None)
-        if packet not in flop_registry and not getattr(func, "is_view", False):
-            tensors = [
-                t for t in tree_leaves((args, kwargs or {}, out)) if isinstance(t, torch.Tensor)
-            ]
-            if tensors:
-                self.total += max(t.numel() for t in tensors)
-        return out
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0
+
+        def __torch_dispatch__(
+            self,
+            func: Any,
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: Mapping[str, Any] | None = None,
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            packet = getattr(func, "overloadpacket", None)
+            if packet not in flop_registry and not getattr(func, "is_view", False):
+                leaves = tree_leaves((args, kwargs or {}, out))
+                sizes = [t.numel() for t in leaves if isinstance(t, torch.Tensor)]
+                if sizes:
+                    self.total += max(sizes)
+            return out
+
+    return ElementwiseCounter
 
 
 def estimate_block_cost(
@@ -89,12 +96,14 @@ def estimate_block_cost(
         >>> cost.elementwise >= 2 * 64 * 32 * 32
         True
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     options = {k: v for k, v in block_kwargs.items() if k != "init"}
     with torch.device("meta"):
         block = block_class(channels, **options)
         x = torch.empty((1, *shape[1:]))
     macs = FlopCounterMode(display=False)
-    elementwise = _ElementwiseCounter()
+    elementwise = _elementwise_counter_class()()
     with torch.no_grad(), macs, elementwise:
         block(x)
     return BlockCost((int(macs.get_total_flops()) // 2, elementwise.total))

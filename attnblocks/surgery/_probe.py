@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from attnblocks._errors import InvalidArgumentError
 
@@ -145,6 +144,8 @@ def run_probe(
         model.eval()
         with torch.no_grad():
             if count_macs:
+                from torch.utils.flop_counter import FlopCounterMode  # slow import: lazy
+
                 counter = FlopCounterMode(display=False)
                 with counter:
                     _call(model, example_input)

@@ -178,6 +178,7 @@ def resolve_selectors(
 
     Example:
         >>> from torch import nn
+        >>> from attnblocks.surgery import resolve_selectors
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
         ...                     nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
         >>> [name for name, _ in resolve_selectors(net, [nn.BatchNorm2d, "re:[03]"])]
