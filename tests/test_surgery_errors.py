@@ -369,6 +369,17 @@ def test_double_insertion_through_a_sequential_site() -> None:
         insert_se(model, ["0"])
 
 
+def test_modules_inside_inserted_blocks_are_never_sites() -> None:
+    model = small_cnn()
+    insert_se(model, ["1"])
+    after_first = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"'1\.se\.act' \(ReLU\) belongs to an attention block"):
+        insert_attention(model, [nn.ReLU], name="again", example_input=X)
+    with pytest.raises(SurgeryError, match=r"'1\.se' \(SEBlock\) belongs to an attention block"):
+        insert_attention(model, ["1.se"], name="again", example_input=X)
+    assert_unchanged(model, after_first)
+
+
 def test_script_module_is_refused() -> None:
     scripted = torch.jit.script(small_cnn())
     with pytest.raises(SurgeryError, match=r"torch\.jit\.ScriptModule.*eager"):

@@ -10,12 +10,14 @@ regexes, module classes or predicates.
 
 from attnblocks.surgery._insert import insert_attention, insert_se
 from attnblocks.surgery._plan import plan_attention, plan_se
+from attnblocks.surgery._probe import ExampleInput
 from attnblocks.surgery._remove import remove_attention, remove_se
 from attnblocks.surgery._report import AttentionPlan, SitePlan
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = [
     "AttentionPlan",
+    "ExampleInput",
     "Selector",
     "SitePlan",
     "insert_attention",

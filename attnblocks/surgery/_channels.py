@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -156,9 +157,9 @@ def infer_channels(module: nn.Module) -> ChannelInfo | None:
     """
     kind = type(module).__name__
     if isinstance(module, _CONVS):
-        return ChannelInfo(int(module.out_channels), f"{kind}.out_channels")
+        return ChannelInfo(int(cast(int, module.out_channels)), f"{kind}.out_channels")
     if isinstance(module, _FEATURE_NORMS):
-        features = int(module.num_features)
+        features = int(cast(int, module.num_features))
         return ChannelInfo(features, f"{kind}.num_features") if features > 0 else None
     if isinstance(module, nn.GroupNorm):
         return ChannelInfo(int(module.num_channels), f"{kind}.num_channels")

@@ -10,7 +10,7 @@ from torch import nn
 from attnblocks._errors import SurgeryError
 from attnblocks.surgery._attach import attach_block, detach_block
 from attnblocks.surgery._prepare import prepare
-from attnblocks.surgery._probe import run_probe
+from attnblocks.surgery._probe import ExampleInput, run_probe
 from attnblocks.surgery._selectors import Selector
 
 __all__ = ["insert_attention", "insert_se"]
@@ -22,7 +22,7 @@ def insert_attention(
     *,
     block: str | type[nn.Module] = "se",
     init: str = "default",
-    example_input: object = None,
+    example_input: ExampleInput | None = None,
     strict: bool = True,
     name: str | None = None,
     **block_kwargs: Any,
@@ -112,7 +112,7 @@ def insert_se(
     layers: Sequence[Selector],
     *,
     init: str = "default",
-    example_input: object = None,
+    example_input: ExampleInput | None = None,
     strict: bool = True,
     **se_kwargs: Any,
 ) -> nn.Module:
@@ -161,7 +161,7 @@ def _insert(
     *,
     block: str | type[nn.Module],
     init: str,
-    example_input: object,
+    example_input: ExampleInput | None,
     strict: bool,
     name: str | None,
     block_kwargs: dict[str, Any],

@@ -10,6 +10,7 @@ from torch import nn
 
 from attnblocks.surgery._cost import estimate_block_cost
 from attnblocks.surgery._prepare import prepare
+from attnblocks.surgery._probe import ExampleInput
 from attnblocks.surgery._report import AttentionPlan, SitePlan
 from attnblocks.surgery._selectors import Selector
 
@@ -36,7 +37,7 @@ def plan_attention(
     *,
     block: str | type[nn.Module] = "se",
     init: str = "default",
-    example_input: object = None,
+    example_input: ExampleInput | None = None,
     strict: bool = True,
     name: str | None = None,
     **block_kwargs: Any,
@@ -100,7 +101,7 @@ def plan_se(
     layers: Sequence[Selector],
     *,
     init: str = "default",
-    example_input: object = None,
+    example_input: ExampleInput | None = None,
     strict: bool = True,
     **se_kwargs: Any,
 ) -> AttentionPlan:
@@ -140,7 +141,7 @@ def _plan(
     *,
     block: str | type[nn.Module],
     init: str,
-    example_input: object,
+    example_input: ExampleInput | None,
     strict: bool,
     name: str | None,
     block_kwargs: dict[str, Any],
@@ -158,6 +159,7 @@ def _plan(
             block_kwargs=block_kwargs,
             owner=owner,
             count_macs=example_input is not None,
+            place=False,
         )
     sites = []
     batch_size = None

@@ -19,7 +19,7 @@ from attnblocks._errors import AttnBlocksError, InvalidArgumentError, SurgeryErr
 from attnblocks.blocks import available_blocks, create_block, get_block_class
 from attnblocks.surgery._attach import AttachMode, attached_blocks
 from attnblocks.surgery._channels import infer_channels, is_channels_last_norm
-from attnblocks.surgery._probe import OutputRecord, run_probe
+from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
@@ -71,6 +71,17 @@ def block_identity(block: str | type[nn.Module], *, owner: str) -> tuple[type[nn
         if get_block_class(registered) is cls:
             return cls, registered
     return cls, cls.__name__.lower()
+
+
+def _inserted_module_ids(model: nn.Module) -> set[int]:
+    """Ids of every module that is, or is inside, a block attached by attnblocks."""
+    found: set[int] = set()
+    for host in model.modules():
+        for attr in attached_blocks(host):
+            child = host._modules.get(attr)
+            if child is not None:
+                found.update(id(m) for m in child.modules())
+    return found
 
 
 def _check_model(model: object, *, owner: str) -> nn.Module:
@@ -205,14 +216,18 @@ def prepare(
     *,
     block: str | type[nn.Module],
     init: str,
-    example_input: object,
+    example_input: ExampleInput | None,
     strict: bool,
     name: str | None,
     block_kwargs: Mapping[str, Any],
     owner: str,
     count_macs: bool = False,
+    place: bool = True,
 ) -> Preparation:
     """Check the request and return the sites with their blocks built (not attached).
+
+    With ``place=True`` each block is moved to the device and floating dtype of the
+    module it follows; a dry run passes ``place=False`` and keeps them on the CPU.
 
     Raises:
         InvalidArgumentError: bad ``block``, ``init``, ``name`` or block options.
@@ -245,7 +260,16 @@ def prepare(
     names_of: dict[int, list[str]] = {}
     for qualified, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(qualified)
+    inserted = _inserted_module_ids(model)
     for site_name, module in selected:
+        if id(module) in inserted:
+            raise SurgeryError(
+                f"{owner}: module {site_name!r} ({type(module).__name__}) belongs to an "
+                "attention block that attnblocks inserted earlier; blocks are never put "
+                "inside inserted blocks. Narrow the selector to the original model's "
+                "modules (a class selector such as nn.Conv2d also matches layers inside "
+                "inserted blocks; use a glob, a regex or a predicate instead)."
+            )
         problem = _site_problem(
             site_name,
             module,
@@ -272,9 +296,9 @@ def prepare(
         )
         records = list(probe.records)
         model_macs = probe.model_macs
-        for (site_name, module), info, record in zip(selected, static, probe.records, strict=True):
+        for (site_name, module), info, probed in zip(selected, static, probe.records, strict=True):
             expected = info.channels if info is not None else None
-            problem = _record_problem(site_name, module, record, expected)
+            problem = _record_problem(site_name, module, probed, expected)
             if problem is not None:
                 raise SurgeryError(f"{owner}: {problem}")
     else:
@@ -306,7 +330,7 @@ def prepare(
                 f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
                 f"module {site_name!r}: {err}"
             ) from None
-        device, dtype = _placement(module, record, model)
+        device, dtype = _placement(module, record, model) if place else (None, None)
         if device is not None:
             built = built.to(device=device, dtype=dtype)
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"

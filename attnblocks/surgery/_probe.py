@@ -19,7 +19,7 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 
-__all__ = ["OutputRecord", "ProbeResult", "describe_example_input", "run_probe"]
+__all__ = ["ExampleInput", "OutputRecord", "ProbeResult", "describe_example_input", "run_probe"]
 
 #: What ``example_input`` may be: one tensor (``model(x)``), a tuple or list of
 #: positional arguments (``model(*args)``) or a dict of keyword arguments

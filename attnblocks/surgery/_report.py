@@ -148,10 +148,10 @@ class AttentionPlan:
                     f"MACs per sample: {per_sample:,.0f} -> {per_sample + macs:,.0f} "
                     f"(+{100.0 * macs / per_sample:.3f}%)"
                 )
-            lines.append(
-                "MACs: multiply-accumulates in matrix multiplications and convolutions "
-                "(torch.utils.flop_counter); elementwise: one op per element of the "
-                "largest tensor of every other operator (pooling, activation, gating); "
-                "both per sample."
-            )
+            lines += [
+                "MACs: multiply-accumulates of matrix multiplications and convolutions "
+                "(torch.utils.flop_counter);",
+                "elementwise: one op per element of the largest tensor of every other "
+                "operator (pooling, activations, gating); both per sample.",
+            ]
         return "\n".join(lines)
