@@ -14,6 +14,8 @@ from attnblocks._errors import (
     ChannelMismatchError,
     InvalidArgumentError,
     InvalidInputError,
+    SelectorError,
+    SurgeryError,
 )
 from attnblocks._version import __version__
 from attnblocks.blocks import (
@@ -30,6 +32,14 @@ from attnblocks.blocks import (
     create_block,
     register_block,
 )
+from attnblocks.surgery import (
+    insert_attention,
+    insert_se,
+    plan_attention,
+    plan_se,
+    remove_attention,
+    remove_se,
+)
 
 __all__ = [
     "AttentionBlock",
@@ -44,9 +54,17 @@ __all__ = [
     "InvalidInputError",
     "SCSEBlock",
     "SEBlock",
+    "SelectorError",
     "SimAMBlock",
+    "SurgeryError",
     "__version__",
     "available_blocks",
     "create_block",
+    "insert_attention",
+    "insert_se",
+    "plan_attention",
+    "plan_se",
     "register_block",
+    "remove_attention",
+    "remove_se",
 ]

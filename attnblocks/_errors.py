@@ -13,6 +13,8 @@ __all__ = [
     "ChannelMismatchError",
     "InvalidArgumentError",
     "InvalidInputError",
+    "SelectorError",
+    "SurgeryError",
 ]
 
 
@@ -30,3 +32,19 @@ class InvalidInputError(AttnBlocksError):
 
 class ChannelMismatchError(InvalidInputError):
     """A tensor's channel dimension differs from the one the block was built for."""
+
+
+class SelectorError(InvalidArgumentError):
+    """A module selector is malformed or matches no module of the model.
+
+    The message names the selector and suggests the closest real module names.
+    """
+
+
+class SurgeryError(InvalidArgumentError):
+    """A selected module cannot take an attention block, or a model cannot be rewritten.
+
+    For example: the module is called more than once per forward pass, its output
+    is not an ``(N, C, *spatial)`` feature map, its channel count cannot be known
+    without an example input, or it already has a block of the same kind.
+    """
