@@ -14,6 +14,7 @@ from attnblocks._errors import (
     ChannelMismatchError,
     InvalidArgumentError,
     InvalidInputError,
+    SelectorError,
 )
 from attnblocks._version import __version__
 from attnblocks.blocks import (
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidInputError",
     "SEBlock",
+    "SelectorError",
     "__version__",
     "available_blocks",
     "create_block",

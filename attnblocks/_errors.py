@@ -13,6 +13,7 @@ __all__ = [
     "ChannelMismatchError",
     "InvalidArgumentError",
     "InvalidInputError",
+    "SelectorError",
 ]
 
 
@@ -30,3 +31,10 @@ class InvalidInputError(AttnBlocksError):
 
 class ChannelMismatchError(InvalidInputError):
     """A tensor's channel dimension differs from the one the block was built for."""
+
+
+class SelectorError(InvalidArgumentError):
+    """A module selector is malformed or matches no module of the model.
+
+    The message names the selector and suggests the closest real module names.
+    """

@@ -1,0 +1,222 @@
+"""Module selectors: say which submodules of a model a tool should act on.
+
+A selector is one of
+
+* an exact qualified name from ``model.named_modules()``, e.g. ``"layer1.0.bn2"``
+  (the empty string ``""`` names the model itself);
+* a shell-style glob as in :mod:`fnmatch` (case-sensitive), e.g. ``"layer*.*.bn3"``;
+  note that ``*`` also matches dots, so ``"*.bn3"`` matches at any depth;
+* a regular expression prefixed with ``"re:"``, matched against the whole name
+  (:func:`re.fullmatch`), e.g. ``"re:layer[12]\\.\\d+\\.bn3"``;
+* an ``nn.Module`` subclass: every instance of it (:func:`isinstance`);
+* a predicate ``(name, module) -> bool``.
+
+Patterns, classes and predicates never select the model itself (the root module,
+whose name is ``""``); only the exact selector ``""`` does.
+
+Every selector must match at least one module. When one does not,
+:func:`resolve_selectors` raises a :class:`~attnblocks.SelectorError` that repeats
+the selector and suggests the closest real names; with ``strict=False`` it warns
+instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from attnblocks._errors import SelectorError
+
+__all__ = ["Selector", "describe_selector", "resolve_selectors"]
+
+#: What a selector may be: a name, a glob, an ``"re:"`` regex, an ``nn.Module``
+#: subclass, or a predicate called as ``predicate(name, module)``.
+Selector = str | type[nn.Module] | Callable[[str, nn.Module], bool]
+
+_GLOB_CHARS = frozenset("*?[")
+_REGEX_PREFIX = "re:"
+_MAX_SUGGESTIONS = 5
+
+
+def describe_selector(selector: object) -> str:
+    """A short human-readable description of ``selector`` for messages.
+
+    >>> from torch import nn
+    >>> describe_selector("layer*.bn3"), describe_selector(nn.Conv2d)
+    ("'layer*.bn3'", 'class torch.nn.modules.conv.Conv2d')
+    """
+    if isinstance(selector, str):
+        return repr(selector)
+    if isinstance(selector, type):
+        return f"class {selector.__module__}.{selector.__qualname__}"
+    name = getattr(selector, "__qualname__", None) or type(selector).__qualname__
+    return f"predicate {name}"
+
+
+class _Matcher:
+    """One validated selector, ready to test ``(name, module)`` pairs."""
+
+    def __init__(self, selector: object, *, owner: str) -> None:
+        self.selector = selector
+        self.owner = owner
+        self.text: str = ""  # the string selector (for names, globs and regexes)
+        self.pattern: re.Pattern[str] | None = None
+        self.cls: type[nn.Module] | None = None
+        self.predicate: Callable[[str, nn.Module], object] | None = None
+        if isinstance(selector, str):
+            self.text = selector
+            if selector.startswith(_REGEX_PREFIX):
+                self.kind = "regex"
+                try:
+                    self.pattern = re.compile(selector[len(_REGEX_PREFIX) :])
+                except re.error as err:
+                    raise SelectorError(
+                        f"{owner}: the selector {selector!r} is not a valid regular "
+                        f"expression ({err}). Regex selectors are written 're:<pattern>' "
+                        "and must match the whole qualified module name."
+                    ) from None
+            elif _GLOB_CHARS & set(selector):
+                self.kind = "glob"
+            else:
+                self.kind = "name"
+        elif isinstance(selector, type):
+            if not issubclass(selector, nn.Module):
+                raise SelectorError(
+                    f"{owner}: the class selector {selector.__qualname__} is not an "
+                    "nn.Module subclass. Class selectors select every instance of an "
+                    "nn.Module subclass, e.g. nn.Conv2d."
+                )
+            self.kind = "class"
+            self.cls = selector
+        elif callable(selector):
+            self.kind = "predicate"
+            self.predicate = selector
+        else:
+            raise SelectorError(
+                f"{owner}: a selector must be a module name, a glob, an 're:' regex, an "
+                "nn.Module subclass or a predicate (name, module) -> bool; got "
+                f"{selector!r} (type {type(selector).__name__})."
+            )
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.kind == "name":
+            return name == self.text
+        if name == "":  # patterns, classes and predicates never select the root
+            return False
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(name, self.text)
+        if self.pattern is not None:
+            return self.pattern.fullmatch(name) is not None
+        if self.cls is not None:
+            return isinstance(module, self.cls)
+        if self.predicate is None:  # pragma: no cover - every kind is handled above
+            return False
+        result = self.predicate(name, module)
+        if not isinstance(result, bool):
+            raise SelectorError(
+                f"{self.owner}: the {describe_selector(self.selector)} must return True "
+                f"or False, but returned {result!r} (type {type(result).__name__}) for "
+                f"module {name!r}."
+            )
+        return result
+
+    def no_match_message(self, names: Sequence[str], type_names: Sequence[str]) -> str:
+        head = (
+            f"{self.owner}: the selector {describe_selector(self.selector)} matches no "
+            "module of the model."
+        )
+        if self.kind == "class":
+            shown = ", ".join(type_names[:12]) + (" ..." if len(type_names) > 12 else "")
+            return f"{head} The model contains modules of type: {shown}."
+        if self.kind == "predicate":
+            return f"{head} It returned False for all {len(names) - 1} submodules."
+        probe = self.text[len(_REGEX_PREFIX) :] if self.kind == "regex" else self.text
+        candidates = [n for n in names if n]
+        close = difflib.get_close_matches(probe, candidates, n=_MAX_SUGGESTIONS, cutoff=0.4)
+        hint = {
+            "name": "Exact names are qualified names as in model.named_modules()",
+            "glob": "Globs follow fnmatch rules ('*' also matches dots)",
+            "regex": "Regexes must match the whole qualified name",
+        }[self.kind]
+        if close:
+            return f"{head} Closest module names: {close}. {hint}."
+        return f"{head} No module name is close; the first ones are {candidates[:5]}. {hint}."
+
+
+def resolve_selectors(
+    model: nn.Module,
+    layers: Sequence[Selector],
+    *,
+    strict: bool = True,
+    owner: str = "insert_se",
+) -> list[tuple[str, nn.Module]]:
+    """Return the submodules of ``model`` selected by ``layers``.
+
+    Args:
+        model: the model to search.
+        layers: a list of selectors (names, globs, ``"re:"`` regexes, module classes,
+            predicates), mixed freely. See the module docstring for each kind.
+        strict: if True, a selector that matches nothing raises a
+            :class:`~attnblocks.SelectorError`; if False, it issues a warning and is
+            skipped.
+        owner: the public function on whose behalf the selectors are resolved, used
+            in messages.
+
+    Returns:
+        ``(qualified_name, module)`` pairs in ``model.named_modules()`` order, each
+        module once (a module registered under several names is reported under the
+        first one, as ``named_modules()`` does).
+
+    Raises:
+        SelectorError: if ``layers`` is not a list of selectors, a selector is
+            malformed, or (with ``strict=True``) a selector matches nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+        >>> [name for name, _ in resolve_selectors(net, [nn.BatchNorm2d, "re:[03]"])]
+        ['0', '1', '3', '4']
+        >>> resolve_selectors(net, ["5"])
+        Traceback (most recent call last):
+        ...
+        attnblocks._errors.SelectorError: insert_se: the selector '5' matches no module ...
+    """
+    if not isinstance(model, nn.Module):
+        raise SelectorError(f"{owner}: model must be an nn.Module, got {type(model).__name__}.")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise SelectorError(
+            f"{owner}: layers must be a list of selectors, got {layers!r} "
+            f"(type {type(layers).__name__}). Wrap a single selector in a list, "
+            f"e.g. layers=[{layers!r}]."
+        )
+    if len(layers) == 0:
+        raise SelectorError(
+            f"{owner}: layers is empty; pass at least one selector (a module name, a "
+            "glob, an 're:' regex, an nn.Module subclass or a predicate)."
+        )
+    matchers = [_Matcher(selector, owner=owner) for selector in layers]
+    hits = [0] * len(matchers)
+    chosen: set[int] = set()
+    all_names: list[str] = []
+    # Aliases (a module registered under several names) are matched under every name.
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.append(name)
+        for index, matcher in enumerate(matchers):
+            if matcher.matches(name, module):
+                hits[index] += 1
+                chosen.add(id(module))
+    type_names = sorted({type(m).__name__ for m in model.modules()})
+    for matcher, count in zip(matchers, hits, strict=True):
+        if count:
+            continue
+        message = matcher.no_match_message(all_names, type_names)
+        if strict:
+            raise SelectorError(message)
+        warnings.warn(f"{message} (strict=False: skipped)", UserWarning, stacklevel=3)
+    return [(name, module) for name, module in model.named_modules() if id(module) in chosen]
