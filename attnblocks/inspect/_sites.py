@@ -1,38 +1,32 @@
-"""Find the attention blocks ("sites") of a model, optionally narrowed by selectors."""
+"""Find the attention blocks ("sites") of a model, optionally narrowed by selectors.
+
+Selectors are the ones of :func:`attnblocks.insert_se` (see
+:mod:`attnblocks.surgery._selectors`), so the same list picks where blocks go and
+which of them to inspect.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from torch import nn
 
-from attnblocks._errors import InvalidArgumentError
+from attnblocks._errors import InvalidArgumentError, SelectorError
 from attnblocks.blocks import AttentionBlock
+from attnblocks.surgery._selectors import Selector, describe_selector, resolve_selectors
 
 __all__ = ["Selectors", "find_gate_sites", "resolve_modules"]
 
-#: What ``sites=`` / ``layers=`` accept: one selector or a sequence of them, with the
-#: selector syntax of :func:`attnblocks.insert_se` (exact names, globs, ``"re:"``
-#: regexes, module classes, predicates).
-Selectors = Any
-
-
-def _as_list(selectors: Selectors) -> list[Any]:
-    if isinstance(selectors, (str, type)) or callable(selectors):
-        return [selectors]
-    if isinstance(selectors, Sequence):
-        return list(selectors)
-    return [selectors]
+#: What ``sites=`` and ``layers=`` accept: a list of selectors (exact names, globs,
+#: ``"re:"`` regexes, module classes, predicates), as for :func:`attnblocks.insert_se`.
+Selectors = Sequence[Selector]
 
 
 def resolve_modules(
     model: nn.Module, selectors: Selectors, *, owner: str
 ) -> list[tuple[str, nn.Module]]:
-    """Resolve ``selectors`` to ``(qualified name, module)`` pairs; every selector must match."""
-    from attnblocks.inspect._select import resolve_selectors
-
-    return resolve_selectors(model, _as_list(selectors), strict=True, owner=owner)
+    """Resolve ``selectors`` to ``(qualified name, module)`` pairs; each must match."""
+    return resolve_selectors(model, selectors, strict=True, owner=owner)
 
 
 def _is_gate_site(module: nn.Module) -> bool:
@@ -46,10 +40,13 @@ def find_gate_sites(
 
     Args:
         model: the model to search.
-        sites: ``None`` for every block, else selectors; each selector must match at
-            least one attention block (other modules it matches are skipped, so a glob
-            such as ``"layer3.*"`` picks the blocks under ``layer3``).
+        sites: ``None`` for every block, else a list of selectors; each must match at
+            least one attention block (other modules it matches are skipped, so the
+            glob ``"layer3.*"`` picks the blocks under ``layer3``).
         owner: the calling function's name, used in error messages.
+
+    Returns:
+        The blocks in ``model.named_modules()`` order, each once.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(
@@ -64,17 +61,20 @@ def find_gate_sites(
         )
     if sites is None:
         return everything
-    chosen: dict[str, AttentionBlock] = {}
-    for selector in _as_list(sites):
-        matched = [(n, m) for n, m in resolve_modules(model, [selector], owner=owner)]
-        blocks = [(n, m) for n, m in matched if _is_gate_site(m)]
-        if not blocks:
-            got = ", ".join(f"{n} ({type(m).__name__})" for n, m in matched[:5])
-            raise InvalidArgumentError(
-                f"{owner}: selector {selector!r} matched no attention block (it matched "
-                f"{got}); the model's attention blocks are {[n for n, _ in everything]}."
+    if isinstance(sites, (str, bytes)) or not isinstance(sites, Sequence):
+        raise SelectorError(
+            f"{owner}: sites must be None or a list of selectors, got {sites!r} (type "
+            f"{type(sites).__name__}). Wrap a single selector in a list, e.g. "
+            f"sites=[{sites!r}]."
+        )
+    matched = {name for name, _ in resolve_modules(model, sites, owner=owner)}
+    for selector in sites:
+        hits = resolve_modules(model, [selector], owner=owner)
+        if not any(_is_gate_site(m) for _, m in hits):
+            got = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in hits[:5])
+            raise SelectorError(
+                f"{owner}: the selector {describe_selector(selector)} matches no attention "
+                f"block (it matches {got}); the model's attention blocks are "
+                f"{[n for n, _ in everything]}."
             )
-        for name, block in blocks:
-            chosen.setdefault(name, block)
-    order = {name: i for i, (name, _) in enumerate(everything)}
-    return sorted(chosen.items(), key=lambda item: order[item[0]])
+    return [(name, block) for name, block in everything if name in matched]
