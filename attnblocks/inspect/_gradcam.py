@@ -187,14 +187,14 @@ def grad_cam(
                     "pass; choose a layer that runs exactly once."
                 )
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
-                got = (
+                returned = (
                     tuple(logits.shape)
                     if isinstance(logits, torch.Tensor)
                     else type(logits).__name__
                 )
                 raise InvalidInputError(
                     f"{owner}: the model must return (N, num_classes) logits with N = {n}, "
-                    f"got {got}."
+                    f"got {returned}."
                 )
             k = logits.shape[1]
             if int(t.min()) < 0 or int(t.max()) >= k:

@@ -309,6 +309,13 @@ class GateStats(Mapping[str, SiteStats]):
                 f"GateStats: no statistics for site {site!r}; the sites are {list(self._sites)}."
             ) from None
 
+    def __contains__(self, site: object) -> bool:
+        return site in self._sites
+
+    def get(self, site: str, default: Any = None) -> Any:  # type: ignore[override]
+        """The :class:`SiteStats` of ``site``, or ``default`` if there is none."""
+        return self._sites.get(site, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._sites)
 
