@@ -30,7 +30,8 @@ def resolve_modules(
 
 
 def _is_gate_site(module: nn.Module) -> bool:
-    return isinstance(module, AttentionBlock) and type(module).has_channel_gate
+    # read from the instance: some blocks decide per instance (e.g. by their options)
+    return isinstance(module, AttentionBlock) and bool(getattr(module, "has_channel_gate", True))
 
 
 def find_gate_sites(
