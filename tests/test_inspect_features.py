@@ -56,3 +56,16 @@ def test_mismatched_shapes_point_to_batches() -> None:
         rec.features  # noqa: B018
     assert [tuple(t.shape) for t in rec.batches["0"]] == [(1, 2, 4, 4), (1, 2, 5, 5)]
     assert not rec.batches["0"][0].requires_grad
+
+
+def test_before_hooks_records_the_module_own_output() -> None:
+    conv = nn.Conv2d(3, 2, 1)
+    net = nn.Sequential(conv)
+    conv.register_forward_hook(lambda module, args, out: 2 * out)  # like an inserted block
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad(), record_features(net, ["0"]) as seen:
+        net(x)
+    with torch.no_grad(), record_features(net, ["0"], before_hooks=True) as own:
+        net(x)
+    torch.testing.assert_close(seen.features["0"], 2 * own.features["0"])
+    torch.testing.assert_close(own.features["0"], conv.forward(x).detach())  # no hooks

@@ -80,6 +80,7 @@ def record_features(
     *,
     device: torch.device | str | None = "cpu",
     keep: bool = True,
+    before_hooks: bool = False,
 ) -> Iterator[FeatureRecorder]:
     """Capture the outputs of the chosen modules over the forward passes run inside.
 
@@ -96,6 +97,11 @@ def record_features(
         device: where to store the outputs (``"cpu"`` by default); ``None`` keeps them
             where they were computed.
         keep: as for :func:`record_gates`.
+        before_hooks: record each module's own output, before the forward hooks
+            already registered on it run. By default the output is recorded as the
+            rest of the model sees it, which for a module carrying a block inserted
+            by :func:`attnblocks.insert_se` (applied by a forward hook) is *after*
+            the block; ``True`` gives the feature map the block re-weights.
 
     Yields:
         A :class:`FeatureRecorder`; ``rec.features`` maps each module's qualified name
@@ -117,7 +123,8 @@ def record_features(
     handles: list[RemovableHandle] = []
     try:
         for name, module in modules:
-            handles.append(module.register_forward_hook(recorder._hook(name)))
+            hook = recorder._hook(name)
+            handles.append(module.register_forward_hook(hook, prepend=before_hooks))
         recorder.active = True
         yield recorder
     finally:

@@ -110,6 +110,8 @@ def grad_cam(
             nothing is broadcast or dropped).
         layer: the module name (as in ``model.named_modules()``) or the module itself;
             its output must be ``(N, C, *spatial)`` and it must run once per forward.
+            The output is taken as the rest of the model sees it: for a module that
+            carries a block inserted by :func:`attnblocks.insert_se`, after the block.
         normalize: ``"none"`` (default) returns the raw maps; ``"image"`` scales each
             to [0, 1]; ``"shared"`` uses one scale for the whole batch, which keeps
             differences in strength visible (see :func:`normalize_maps`).
