@@ -1,0 +1,133 @@
+"""Record the excitation gates of every attention block while a model runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from attnblocks.blocks import AttentionBlock
+from attnblocks.inspect._buffer import ChunkStore
+from attnblocks.inspect._sites import Selectors, find_gate_sites
+
+__all__ = ["GateRecorder", "record_gates"]
+
+
+class GateRecorder:
+    """The gates captured by :func:`record_gates`, one entry per attention block.
+
+    Attributes:
+        sites: the qualified module names of the recorded blocks, in model order.
+        active: ``True`` inside the ``with`` block, while hooks are registered.
+    """
+
+    def __init__(
+        self,
+        blocks: list[tuple[str, AttentionBlock]],
+        *,
+        device: torch.device | str | None,
+        keep: bool,
+    ) -> None:
+        self.sites: tuple[str, ...] = tuple(name for name, _ in blocks)
+        channels = {name: int(block.channels) for name, block in blocks}
+        self._store = ChunkStore(
+            self.sites,
+            device=device,
+            keep=keep,
+            empty=lambda name: torch.empty(0, channels[name], device=self._store.device),
+            owner="GateRecorder",
+        )
+        self.active = False
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(block: nn.Module, gate: torch.Tensor) -> None:
+            self._store.add(name, gate)
+
+        return hook
+
+    @property
+    def gates(self) -> dict[str, torch.Tensor]:
+        """``{site: gates}``, each gate tensor ``(total N, C)``: every row captured so far.
+
+        Rows are in call order: a block run on three batches of 8 gives 24 rows. With
+        ``keep=False`` the rows already returned by :meth:`pop` are gone.
+        """
+        return self._store.all()
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Return the gates captured since the previous ``pop`` (or since the start).
+
+        Use it to feed a :class:`~attnblocks.inspect.GateStats` batch by batch; with
+        ``keep=False`` the returned rows are dropped from the recorder, so memory stays
+        flat however many batches run.
+        """
+        return self._store.pop()
+
+    def clear(self) -> None:
+        """Forget every captured gate."""
+        self._store.clear()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "closed"
+        return f"GateRecorder({state}, rows={self._store.rows()})"
+
+
+@contextmanager
+def record_gates(
+    model: nn.Module,
+    *,
+    sites: Selectors | None = None,
+    device: torch.device | str | None = "cpu",
+    keep: bool = True,
+) -> Iterator[GateRecorder]:
+    """Capture the gate of every attention block over the forward passes run inside.
+
+    The gates are the ones the blocks really applied (read through
+    :meth:`~attnblocks.blocks.AttentionBlock.register_gate_hook`, never recomputed),
+    detached, so recording neither builds autograd graphs nor touches ``.grad``. The
+    model's train/eval mode is not changed: call ``model.eval()`` yourself, or use
+    :func:`gate_statistics`, which restores the mode afterwards. The hooks are removed
+    on exit, also when the body raises.
+
+    Args:
+        model: a model containing attention blocks (found by type).
+        sites: record only these blocks (selectors as in :func:`attnblocks.insert_se`);
+            ``None`` records every channel attention block.
+        device: where to store the gates (``"cpu"`` by default, to spare accelerator
+            memory); ``None`` keeps them where they were computed.
+        keep: keep every row until the end; with ``False``, :meth:`GateRecorder.pop`
+            hands rows out and forgets them (for streaming statistics).
+
+    Yields:
+        A :class:`GateRecorder`; ``rec.gates`` maps each block's qualified name to a
+        ``(total N, C)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from attnblocks import SEBlock
+        >>> from attnblocks.inspect import record_gates
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), SEBlock(8, reduction=2), nn.ReLU())
+        >>> with record_gates(net) as rec:
+        ...     for _ in range(3):
+        ...         _ = net(torch.randn(4, 3, 16, 16))
+        >>> {name: tuple(g.shape) for name, g in rec.gates.items()}
+        {'1': (12, 8)}
+        >>> net[1]._gate_hooks  # nothing left behind
+        OrderedDict()
+    """
+    blocks = find_gate_sites(model, sites, owner="record_gates")
+    recorder = GateRecorder(blocks, device=device, keep=keep)
+    handles: list[RemovableHandle] = []
+    try:
+        for name, block in blocks:
+            handles.append(block.register_gate_hook(recorder._hook(name)))
+        recorder.active = True
+        yield recorder
+    finally:
+        recorder.active = False
+        for handle in handles:
+            handle.remove()

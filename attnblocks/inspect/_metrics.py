@@ -1,0 +1,195 @@
+"""Summary metrics of recorded gates: saturation and class specificity.
+
+The SE paper (Hu et al., 2018, arXiv:1709.01507, section 7.2) observes that early
+blocks excite channels in a class-agnostic way, later blocks become class-specific,
+and the last blocks saturate (most gates near 1) so that they act almost as
+identities. These two numbers measure exactly that for any model.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import overload
+
+import torch
+
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
+
+__all__ = ["class_specificity", "saturation"]
+
+
+def check_gates(gates: object, *, owner: str, name: str = "gates") -> torch.Tensor:
+    """Check that ``gates`` is a floating ``(N, C)`` tensor and return it."""
+    if not isinstance(gates, torch.Tensor):
+        raise InvalidInputError(
+            f"{owner}: {name} must be a torch.Tensor of shape (N, C), got {type(gates).__name__}."
+        )
+    if gates.dim() != 2 or not gates.is_floating_point():
+        raise InvalidInputError(
+            f"{owner}: {name} must be a floating (N, C) tensor, got shape {tuple(gates.shape)} "
+            f"and dtype {gates.dtype}."
+        )
+    return gates
+
+
+def check_labels(labels: object, rows: int, *, owner: str) -> torch.Tensor:
+    """Check that ``labels`` is a 1-D tensor of ``rows`` non-negative class indices."""
+    if not isinstance(labels, torch.Tensor):
+        raise InvalidInputError(
+            f"{owner}: labels must be a 1-D integer torch.Tensor, got {type(labels).__name__}."
+        )
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise InvalidInputError(
+            f"{owner}: labels must be a 1-D tensor of integer class indices, got shape "
+            f"{tuple(labels.shape)} and dtype {labels.dtype}."
+        )
+    if labels.numel() != rows:
+        raise InvalidInputError(
+            f"{owner}: got {labels.numel()} labels for {rows} rows of gates; give one label "
+            "per sample (if a block runs several times per forward pass, record its gates "
+            "without labels)."
+        )
+    if rows and int(labels.min()) < 0:
+        raise InvalidInputError(
+            f"{owner}: labels must be class indices >= 0, got {int(labels.min())}."
+        )
+    return labels.to(torch.long)
+
+
+def check_threshold(threshold: object, *, owner: str) -> float:
+    """Check that ``threshold`` is a finite real number."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise InvalidArgumentError(
+            f"{owner}: threshold must be a number, got {threshold!r} "
+            f"(type {type(threshold).__name__})."
+        )
+    value = float(threshold)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidArgumentError(f"{owner}: threshold must be finite, got {threshold!r}.")
+    return value
+
+
+def specificity_from_moments(
+    counts: torch.Tensor, means: torch.Tensor, m2: torch.Tensor, *, per_channel: bool
+) -> torch.Tensor:
+    """Between-class over within-class variance from per-class counts, means and M2.
+
+    Args:
+        counts: ``(K,)`` samples per class.
+        means: ``(K, C)`` per-class means (any value where the count is 0).
+        m2: ``(K, C)`` per-class sums of squared deviations from the class mean.
+        per_channel: return the ratio per channel ``(C,)``, else the ratio of the
+            totals over channels (a scalar).
+    """
+    counts = counts.to(torch.float64)
+    present = counts > 0
+    counts, means, m2 = counts[present], means[present].double(), m2[present].double()
+    total = counts.sum()
+    if total == 0:
+        shape = (means.shape[-1],) if per_channel else ()
+        return torch.zeros(shape, dtype=torch.float64)
+    grand = (counts[:, None] * means).sum(0) / total
+    between = (counts[:, None] * (means - grand) ** 2).sum(0) / total
+    within = m2.sum(0) / total
+    if not per_channel:
+        between, within = between.sum(), within.sum()
+    ratio = between / within
+    ratio = torch.where(within > 0, ratio, torch.where(between > 0, torch.inf, 0.0))
+    return ratio
+
+
+@overload
+def saturation(
+    gates: torch.Tensor, *, threshold: float = ..., per_channel: bool = ...
+) -> torch.Tensor: ...
+@overload
+def saturation(
+    gates: Mapping[str, torch.Tensor], *, threshold: float = ..., per_channel: bool = ...
+) -> dict[str, torch.Tensor]: ...
+def saturation(
+    gates: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    threshold: float = 0.9,
+    per_channel: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The share of gates at or above ``threshold`` ("near 1": the block lets them pass).
+
+    A block whose gates are almost all saturated behaves nearly as an identity (SE
+    paper, section 7.2). Gates are compared as recorded, so for blocks with
+    ``gate_scale != 1`` (``init="identity"``) pick the threshold on that scale.
+
+    Args:
+        gates: an ``(N, C)`` gate tensor, or a mapping such as ``rec.gates``.
+        threshold: gates ``>= threshold`` count as saturated.
+        per_channel: return one share per channel ``(C,)`` instead of one overall.
+
+    Returns:
+        A float64 tensor (scalar or ``(C,)``), or a dict of them for a mapping.
+
+    Example:
+        >>> import torch
+        >>> saturation(torch.tensor([[0.95, 0.2], [0.99, 0.5]]))
+        tensor(0.5000, dtype=torch.float64)
+        >>> saturation(torch.tensor([[0.95, 0.2], [0.99, 0.5]]), per_channel=True)
+        tensor([1., 0.], dtype=torch.float64)
+    """
+    owner = "saturation"
+    value = check_threshold(threshold, owner=owner)
+    if isinstance(gates, Mapping):
+        return {
+            name: saturation(g, threshold=value, per_channel=per_channel)
+            for name, g in gates.items()
+        }
+    g = check_gates(gates, owner=owner)
+    hits = (g >= value).to(torch.float64)
+    if g.shape[0] == 0:
+        return torch.full((g.shape[1],) if per_channel else (), float("nan"), dtype=torch.float64)
+    return hits.mean(0) if per_channel else hits.mean()
+
+
+def class_specificity(
+    gates: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    per_channel: bool = True,
+) -> torch.Tensor:
+    r"""How much a block's gates differ between classes: between- / within-class variance.
+
+    For channel :math:`c` with class means :math:`\mu_{k,c}`, class sizes :math:`n_k`
+    and overall mean :math:`\mu_c`, the ratio is
+    :math:`\frac{\sum_k n_k (\mu_{k,c} - \mu_c)^2}{\sum_k \sum_{i \in k} (s_{i,c} -
+    \mu_{k,c})^2}` (Fisher's ratio). 0 means the gates ignore the class; large values
+    mean the class explains most of the gate's variation. A channel that never varies
+    gets 0, one that is constant within each class but differs between classes gets
+    ``inf``.
+
+    Args:
+        gates: ``(N, C)`` recorded gates.
+        labels: ``(N,)`` integer class of each row.
+        per_channel: return ``(C,)`` ratios; with ``False`` one ratio of the
+            variances summed over channels, a single number per site.
+
+    Returns:
+        A float64 tensor, ``(C,)`` or scalar.
+
+    Example:
+        >>> import torch
+        >>> gates = torch.tensor(
+        ...     [[0.1, 0.5], [0.2, 0.6], [0.9, 0.4], [0.8, 0.7]], dtype=torch.float64)
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> [round(v, 6) for v in class_specificity(gates, labels).tolist()]
+        [49.0, 0.0]
+    """
+    owner = "class_specificity"
+    g = check_gates(gates, owner=owner).double()
+    y = check_labels(labels, g.shape[0], owner=owner).to(g.device)
+    k = int(y.max()) + 1 if y.numel() else 0
+    counts = torch.zeros(k, dtype=torch.float64, device=g.device).index_add_(
+        0, y, torch.ones_like(y, dtype=torch.float64)
+    )
+    sums = torch.zeros(k, g.shape[1], dtype=torch.float64, device=g.device).index_add_(0, y, g)
+    means = sums / counts.clamp(min=1)[:, None]
+    dev = g - means[y]
+    m2 = torch.zeros_like(sums).index_add_(0, y, dev * dev)
+    return specificity_from_moments(counts.cpu(), means.cpu(), m2.cpu(), per_channel=per_channel)

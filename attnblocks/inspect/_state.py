@@ -1,0 +1,47 @@
+"""Put a model in eval mode for a while and give every module its own mode back.
+
+Interpretability tools often call ``model.eval()`` and never undo it, so a model
+that was training silently stops updating its batch-norm statistics. Here the
+``training`` flag of every submodule is saved and restored one by one, which also
+keeps mixed states (a frozen, eval-mode backbone inside a training model) intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+__all__ = ["eval_mode"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Context manager: ``model.eval()`` inside, each module's own mode restored on exit.
+
+    Args:
+        model: the model.
+        enabled: when ``False`` the model is left exactly as it is (convenient for
+            functions with an ``eval_mode=`` switch).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()  # a mixed state: the model trains, its batch norm does not
+        >>> with eval_mode(net):
+        ...     net.training, net[0].training
+        (False, False)
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
+    """
+    if not enabled:
+        yield model
+        return
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in saved:
+            module.training = flag

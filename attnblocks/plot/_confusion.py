@@ -1,0 +1,154 @@
+"""Confusion matrix figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks.plot._images import check_figsize
+from attnblocks.plot._mpl import new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["confusion_matrix"]
+
+Normalization = Literal["true", "pred", "all", "none"]
+_NORMALIZE = {
+    "true": "share of each true class",
+    "pred": "share of each predicted class",
+    "all": "share of all samples",
+    "none": "count",
+}
+
+
+def _labels(values: object, name: str, owner: str) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else None
+    if t is None:
+        try:
+            t = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidInputError(
+                f"{owner}: {name} must be a 1-D sequence or tensor of class indices, got "
+                f"{type(values).__name__}."
+            ) from None
+    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+        raise InvalidInputError(
+            f"{owner}: {name} must be a 1-D tensor of integer class indices, got shape "
+            f"{tuple(t.shape)} and dtype {t.dtype}."
+        )
+    if t.numel() and int(t.min()) < 0:
+        raise InvalidInputError(f"{owner}: {name} contains the negative class {int(t.min())}.")
+    return t.detach().cpu().long()
+
+
+def confusion_matrix(
+    targets: Sequence[int] | torch.Tensor,
+    predictions: Sequence[int] | torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    normalize: Normalization = "true",
+    annotate: bool | None = None,
+    cmap: str = "Blues",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """The confusion matrix of ``predictions`` against ``targets`` (true classes in rows).
+
+    Args:
+        targets: the true class of every sample.
+        predictions: the predicted class of every sample (same length).
+        num_classes: the number of classes; ``None`` uses ``len(class_names)`` or the
+            largest index seen + 1.
+        class_names: the tick labels.
+        normalize: ``"true"`` (rows sum to 1), ``"pred"`` (columns sum to 1), ``"all"``
+            or ``"none"`` (raw counts).
+        annotate: write the value in each cell; ``None`` does so up to 15 classes.
+        cmap: the colour map.
+        title: the figure title; by default it states the accuracy.
+        figsize: ``(width, height)`` in inches; chosen from the class count if ``None``.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure`.
+
+    Example:
+        >>> fig = confusion_matrix([0, 1, 2, 2], [0, 2, 2, 2], class_names=["a", "b", "c"])
+        >>> fig.axes[0].get_title()
+        'Confusion matrix, accuracy 75.0% (n=4)'
+    """
+    owner = "confusion_matrix"
+    if normalize not in _NORMALIZE:
+        raise InvalidArgumentError(
+            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_NORMALIZE)}."
+        )
+    t = _labels(targets, "targets", owner)
+    p = _labels(predictions, "predictions", owner)
+    if t.numel() != p.numel():
+        raise InvalidInputError(
+            f"{owner}: got {t.numel()} targets but {p.numel()} predictions; they must pair up."
+        )
+    if t.numel() == 0:
+        raise InvalidInputError(f"{owner}: targets and predictions are empty.")
+    seen = int(max(int(t.max()), int(p.max()))) + 1
+    k = num_classes if num_classes is not None else len(class_names or []) or seen
+    if isinstance(k, bool) or not isinstance(k, int) or k < seen:
+        raise InvalidArgumentError(
+            f"{owner}: num_classes={k!r} is too small for class index {seen - 1} found in the "
+            "targets or predictions."
+        )
+    if class_names is not None and len(class_names) != k:
+        raise InvalidArgumentError(f"{owner}: got {len(class_names)} class names for {k} classes.")
+    counts = torch.bincount(t * k + p, minlength=k * k).view(k, k).double()
+    if normalize == "true":
+        shown = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    elif normalize == "pred":
+        shown = counts / counts.sum(0, keepdim=True).clamp(min=1)
+    elif normalize == "all":
+        shown = counts / counts.sum()
+    else:
+        shown = counts
+    names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(k)]
+    side = min(max(3.6, 0.5 * k + 2.2), 14.0)
+    fig = new_figure(check_figsize(figsize, (side + 0.9, side), owner=owner))
+    ax = fig.subplots()
+    vmax = 1.0 if normalize != "none" else float(shown.max())
+    image = ax.imshow(shown.numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(
+        range(k),
+        names,
+        rotation=45 if max(map(len, names)) > 2 else 0,
+        ha="right" if max(map(len, names)) > 2 else "center",
+        fontsize=8,
+    )
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted class", fontsize=9)
+    ax.set_ylabel("true class", fontsize=9)
+    if annotate is None:
+        annotate = k <= 15
+    if annotate:
+        for i in range(k):
+            for j in range(k):
+                v = float(shown[i, j])
+                text = f"{int(v)}" if normalize == "none" else f"{100 * v:.0f}"
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > 0.6 * vmax else "black",
+                )
+    bar = fig.colorbar(image, ax=ax, shrink=0.85, pad=0.02)
+    bar.set_label(
+        _NORMALIZE[normalize] + (" (cells in %)" if annotate and normalize != "none" else ""),
+        fontsize=8,
+    )
+    accuracy = float(counts.trace() / counts.sum())
+    default = f"Confusion matrix, accuracy {100 * accuracy:.1f}% (n={t.numel()})"
+    ax.set_title(title if title is not None else default, fontsize=10)
+    return fig

@@ -1,0 +1,128 @@
+"""Grad-CAM overlays: the maps of one or several models drawn over the images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import check_positive_int
+from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
+from attnblocks.plot._images import as_batch, check_figsize, check_fraction, to_rgb
+from attnblocks.plot._mpl import new_figure, scalar_mappable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["gradcam_overlay"]
+
+_SCALE_LABEL = {
+    "image": "Grad-CAM (each image on its own [0, 1] scale)",
+    "shared": "Grad-CAM (one [0, 1] scale for all panels)",
+    "none": "Grad-CAM (raw values)",
+}
+
+
+def gradcam_overlay(
+    images: torch.Tensor,
+    cams: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    titles: Sequence[str] | None = None,
+    normalize: MapNormalization = "shared",
+    upsample: UpsampleMode = "bilinear",
+    alpha: float = 0.5,
+    cmap: str = "turbo",
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    max_images: int = 8,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Grad-CAM maps over their images: one column per image, one row per map set.
+
+    The first row shows the images; each further row overlays one set of maps, e.g.
+    ``{"ResNet-20": cams_a, "SE-ResNet-20": cams_b}`` from
+    :func:`attnblocks.inspect.grad_cam` with ``normalize="none"``. The default
+    ``normalize="shared"`` puts every panel on one colour scale, so a weaker map
+    looks weaker; ``"image"`` rescales each panel on its own.
+
+    Args:
+        images: ``(N, 3, H, W)`` or ``(N, 1, H, W)`` inputs (or one ``(C, H, W)``).
+        cams: raw maps ``(N, h, w)``, or a mapping of labelled map sets.
+        titles: one column title per image, e.g. ``"cat -> dog (0.87)"``.
+        normalize: ``"shared"``, ``"image"`` or ``"none"`` (raw values, one colour
+            scale for all panels), see :func:`attnblocks.inspect.normalize_maps`.
+        upsample: the interpolation that brings maps to image size.
+        alpha: opacity of the heat map.
+        cmap: the colour map.
+        mean, std: the normalisation of the images, undone for display.
+        max_images: show at most this many images.
+        figsize: ``(width, height)`` in inches; chosen from the grid size if ``None``.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure`.
+
+    Example:
+        >>> import torch
+        >>> fig = gradcam_overlay(torch.rand(2, 3, 32, 32),
+        ...                       {"A": torch.rand(2, 8, 8), "B": torch.rand(2, 8, 8)})
+        >>> len(fig.axes)  # 3 rows x 2 images and a colour bar
+        7
+    """
+    owner = "gradcam_overlay"
+    alpha = check_fraction(alpha, "alpha", owner=owner)
+    max_images = check_positive_int(max_images, "max_images", owner=owner)
+    if normalize not in _SCALE_LABEL:
+        raise InvalidArgumentError(
+            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALE_LABEL)}."
+        )
+    batch = as_batch(images, owner=owner)
+    n = min(batch.shape[0], max_images)
+    sets = dict(cams) if isinstance(cams, Mapping) else {"Grad-CAM": cams}
+    if not sets:
+        raise InvalidInputError(f"{owner}: cams is an empty mapping; give at least one map set.")
+    size = (batch.shape[-2], batch.shape[-1])
+    resized = {}
+    for label, maps in sets.items():
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.shape[0] != batch.shape[0]:
+            got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+            raise InvalidInputError(
+                f"{owner}: cams[{label!r}] must be a tensor (N, h, w) with N = "
+                f"{batch.shape[0]} (one map per image), got {got}."
+            )
+        resized[label] = upsample_maps(maps[:n].detach().float().cpu(), size, mode=upsample)
+    scaled = normalize_maps(resized, normalize)
+    if normalize == "none":
+        vmin = min(float(m.min()) for m in scaled.values())
+        vmax = max(float(m.max()) for m in scaled.values())
+    else:
+        vmin, vmax = 0.0, 1.0
+    if titles is not None and len(titles) < n:
+        raise InvalidArgumentError(
+            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
+        )
+    rows = 1 + len(scaled)
+    fig = new_figure(check_figsize(figsize, (1.9 * n + 1.6, 1.9 * rows + 0.4), owner=owner))
+    axes = fig.subplots(rows, n, squeeze=False)
+    for j in range(n):
+        rgb = to_rgb(batch[j], mean=mean, std=std, owner=owner)
+        gray = "gray" if rgb.ndim == 2 else None
+        axes[0, j].imshow(rgb, cmap=gray)
+        if titles is not None:
+            axes[0, j].set_title(str(titles[j]), fontsize=8)
+        for r, maps in enumerate(scaled.values(), start=1):
+            axes[r, j].imshow(rgb, cmap=gray)
+            axes[r, j].imshow(maps[j].numpy(), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+    for r, label in enumerate(["input", *scaled], start=0):
+        for j in range(n):
+            axes[r, j].set_xticks([])
+            axes[r, j].set_yticks([])
+            for spine in axes[r, j].spines.values():
+                spine.set_visible(False)
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    bar = fig.colorbar(
+        scalar_mappable(cmap, vmin, vmax), ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.02
+    )
+    bar.set_label(_SCALE_LABEL[normalize], fontsize=8)
+    return fig

@@ -1,0 +1,159 @@
+"""Running gate statistics and the summary metrics, against direct torch computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _inspect_toys import modes, toy_se_net
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnblocks import InvalidArgumentError, InvalidInputError
+from attnblocks.inspect import (
+    GateStats,
+    class_specificity,
+    gate_statistics,
+    record_gates,
+    saturation,
+)
+
+
+def _batches(sizes: list[int], channels: int, classes: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        # offsets around 0.5 with a small spread: a stress case for naive sum-of-squares
+        gates = 0.5 + 1e-3 * torch.rand(n, channels, generator=gen)
+        gates[:, 0] = torch.rand(n, generator=gen)  # one channel spanning [0, 1]
+        labels = torch.randint(0, classes, (n,), generator=gen)
+        out.append((gates, labels))
+    return out
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    sizes=st.lists(st.integers(0, 7), min_size=1, max_size=6).filter(lambda s: sum(s) >= 2),
+    channels=st.integers(1, 6),
+    classes=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+)
+def test_running_stats_match_torch(sizes: list[int], channels: int, classes: int, seed: int):
+    batches = _batches(sizes, channels, classes, seed)
+    stats = GateStats(saturation_threshold=0.6)
+    for gates, labels in batches:
+        stats.update({"site": gates}, labels)
+    all_gates = torch.cat([g for g, _ in batches]).double()
+    all_labels = torch.cat([y for _, y in batches])
+    s = stats["site"]
+    assert s.count == all_gates.shape[0]
+    torch.testing.assert_close(s.mean, all_gates.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.std(), all_gates.std(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s.std(0), all_gates.std(0, correction=0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s.saturation, (all_gates >= 0.6).double().mean(0))
+    k = int(all_labels.max()) + 1
+    assert s.num_classes == k
+    for c in range(k):
+        rows = all_gates[all_labels == c]
+        assert int(s.class_count[c]) == rows.shape[0]
+        if rows.shape[0] == 0:
+            assert torch.isnan(s.class_mean[c]).all()
+            continue
+        torch.testing.assert_close(s.class_mean[c], rows.mean(0), rtol=1e-12, atol=1e-12)
+        if rows.shape[0] > 1:
+            torch.testing.assert_close(s.class_std()[c], rows.std(0), rtol=1e-9, atol=1e-12)
+        else:
+            assert torch.isnan(s.class_std()[c]).all()
+    direct = class_specificity(all_gates, all_labels)
+    torch.testing.assert_close(s.class_specificity(), direct, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        s.class_specificity(per_channel=False),
+        class_specificity(all_gates, all_labels, per_channel=False),
+        rtol=1e-7,
+        atol=1e-9,
+    )
+
+
+def test_merge_equals_one_stream() -> None:
+    batches = _batches([5, 3, 6, 4], 3, 3, 7)
+    one, a, b = GateStats(), GateStats(), GateStats()
+    for i, (g, y) in enumerate(batches):
+        one.update({"s": g}, y)
+        (a if i % 2 else b).update({"s": g}, y)
+    merged = a["s"].merge(b["s"])
+    torch.testing.assert_close(merged.mean, one["s"].mean)
+    torch.testing.assert_close(merged.std(), one["s"].std())
+    torch.testing.assert_close(merged.class_mean, one["s"].class_mean, equal_nan=True)
+    torch.testing.assert_close(merged.class_std(), one["s"].class_std(), equal_nan=True)
+
+
+def test_class_specificity_by_hand() -> None:
+    gates = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.9, 0.5], [0.7, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    # channel 0: class means 0.2 and 0.8, grand mean 0.5: between = 0.09, within = 0.01
+    spec = class_specificity(gates, labels)
+    assert spec[0].item() == pytest.approx(9.0)
+    assert spec[1].item() == 0.0  # constant channel
+    separated = torch.tensor([[0.2], [0.2], [0.8], [0.8]], dtype=torch.float64)
+    assert math.isinf(class_specificity(separated, labels).item())
+
+
+def test_saturation() -> None:
+    gates = torch.tensor([[0.95, 0.1], [0.5, 0.99], [0.91, 0.2]])
+    assert saturation(gates).item() == pytest.approx(3 / 6)
+    assert saturation(gates, threshold=0.96).item() == pytest.approx(1 / 6)
+    torch.testing.assert_close(
+        saturation(gates, per_channel=True), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+    )
+    both = saturation({"a": gates, "b": gates[:1]})
+    assert set(both) == {"a", "b"} and both["b"].item() == pytest.approx(0.5)
+    with pytest.raises(InvalidArgumentError, match="threshold"):
+        saturation(gates, threshold="high")  # type: ignore[arg-type]
+
+
+def test_gate_statistics_runs_model_and_restores_mode() -> None:
+    net = toy_se_net()
+    net.stage.bn.eval()
+    before = modes(net)
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])) for _ in range(3)]
+    stats = gate_statistics(net, data, num_classes=3)
+    assert modes(net) == before
+    assert list(stats) == ["stem.se", "stage.se"]
+    net.eval()
+    with torch.no_grad(), record_gates(net) as rec:
+        for x, _ in data:
+            net(x)
+    torch.testing.assert_close(stats["stage.se"].mean, rec.gates["stage.se"].double().mean(0))
+    labels = torch.cat([y for _, y in data])
+    ref = GateStats.from_gates(rec.gates, labels)
+    torch.testing.assert_close(stats["stem.se"].class_mean, ref["stem.se"].class_mean)
+    summary = stats.summary()["stage.se"]
+    assert summary["count"] == 12 and 0 <= summary["saturation"] <= 1
+    assert summary["mean"] == pytest.approx(rec.gates["stage.se"].double().mean().item())
+    assert summary["std"] == pytest.approx(rec.gates["stage.se"].double().std().item())
+    assert gate_statistics(net, [x for x, _ in data], max_batches=2)["stem.se"].count == 8
+
+
+def test_errors() -> None:
+    stats = GateStats(num_classes=2)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        stats.update({"s": torch.rand(3, 2)}, torch.tensor([0, 1, 2]))
+    with pytest.raises(InvalidInputError, match="got 2 labels for 3 rows"):
+        GateStats().update({"s": torch.rand(3, 2)}, torch.tensor([0, 1]))
+    with pytest.raises(InvalidInputError, match="integer class indices"):
+        GateStats().update({"s": torch.rand(3, 2)}, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(InvalidInputError, match=r"floating \(N, C\)"):
+        GateStats().update({"s": torch.rand(3, 2, 2)})
+    with pytest.raises(InvalidInputError, match="mapping"):
+        GateStats().update(torch.rand(3, 2))  # type: ignore[arg-type]
+    stats = GateStats()
+    stats.update({"s": torch.rand(3, 2)})
+    with pytest.raises(InvalidInputError, match="2 channels"):
+        stats["s"].update(torch.rand(3, 4))
+    with pytest.raises(InvalidArgumentError, match="the sites are"):
+        stats["nope"]
+    with pytest.raises(InvalidArgumentError, match="num_classes"):
+        GateStats(num_classes=0)
+    assert math.isnan(stats.summary()["s"]["specificity"])  # no labels given
