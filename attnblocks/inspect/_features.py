@@ -108,6 +108,7 @@ def record_features(
         to its outputs concatenated along the batch dimension.
 
     Example:
+        >>> from attnblocks.inspect import record_features
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3))

@@ -127,6 +127,7 @@ def grad_cam(
         A float32 tensor ``(N, *spatial)`` on the inputs' device.
 
     Example:
+        >>> from attnblocks.inspect import grad_cam
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(

@@ -52,6 +52,7 @@ def knockout(model: nn.Module, sites: Selectors | None = None) -> Iterator[list[
         The qualified names of the knocked-out blocks.
 
     Example:
+        >>> from attnblocks.inspect import knockout
         >>> import torch
         >>> from torch import nn
         >>> from attnblocks import SEBlock
@@ -100,6 +101,7 @@ def knockout_scan(
         ``(baseline, {site: score with that site knocked out})``.
 
     Example:
+        >>> from attnblocks.inspect import knockout_scan
         >>> import torch
         >>> from torch import nn
         >>> from attnblocks import SEBlock

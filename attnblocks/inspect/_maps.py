@@ -65,6 +65,7 @@ def normalize_maps(
             A constant map becomes all zeros.
 
     Example:
+        >>> from attnblocks.inspect import normalize_maps
         >>> import torch
         >>> maps = torch.tensor([[[0.0, 1.0]], [[0.0, 4.0]]])
         >>> normalize_maps(maps, "image").flatten().tolist()
@@ -104,6 +105,7 @@ def upsample_maps(
     clamped back to it.
 
     Example:
+        >>> from attnblocks.inspect import upsample_maps
         >>> import torch
         >>> upsample_maps(torch.rand(2, 4, 4), (32, 32), mode="nearest").shape
         torch.Size([2, 32, 32])

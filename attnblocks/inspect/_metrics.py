@@ -128,6 +128,7 @@ def saturation(
         A float64 tensor (scalar or ``(C,)``), or a dict of them for a mapping.
 
     Example:
+        >>> from attnblocks.inspect import saturation
         >>> import torch
         >>> saturation(torch.tensor([[0.95, 0.2], [0.99, 0.5]]))
         tensor(0.5000, dtype=torch.float64)
@@ -174,6 +175,7 @@ def class_specificity(
         A float64 tensor, ``(C,)`` or scalar.
 
     Example:
+        >>> from attnblocks.inspect import class_specificity
         >>> import torch
         >>> gates = torch.tensor(
         ...     [[0.1, 0.5], [0.2, 0.6], [0.9, 0.4], [0.8, 0.7]], dtype=torch.float64)

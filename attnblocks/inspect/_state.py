@@ -26,6 +26,7 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
             functions with an ``eval_mode=`` switch).
 
     Example:
+        >>> from attnblocks.inspect import eval_mode
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         >>> _ = net[1].eval()  # a mixed state: the model trains, its batch norm does not

@@ -228,6 +228,7 @@ class GateStats(Mapping[str, SiteStats]):
         saturation_threshold: gates ``>= saturation_threshold`` count as saturated.
 
     Example:
+        >>> from attnblocks.inspect import GateStats
         >>> import torch
         >>> stats = GateStats(num_classes=3)
         >>> for _ in range(4):
@@ -390,6 +391,7 @@ def gate_statistics(
         max_batches: stop after this many batches.
 
     Example:
+        >>> from attnblocks.inspect import gate_statistics
         >>> import torch
         >>> from torch import nn
         >>> from attnblocks import SEBlock

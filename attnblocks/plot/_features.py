@@ -80,6 +80,7 @@ def feature_map_grid(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import feature_map_grid
         >>> import torch
         >>> fig = feature_map_grid(torch.rand(3, 32, 32), {"conv1": torch.randn(1, 16, 16, 16)},
         ...                        channels=4)
@@ -181,6 +182,7 @@ def channel_heatmaps(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import channel_heatmaps
         >>> import torch
         >>> fig = channel_heatmaps(torch.rand(3, 32, 32), torch.rand(16, 8, 8), k=3,
         ...                        rank_by="gate", gate=torch.rand(16))

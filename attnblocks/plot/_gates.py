@@ -114,6 +114,7 @@ def gate_profiles(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import gate_profiles
         >>> import torch
         >>> from attnblocks.inspect import GateStats
         >>> stats = GateStats.from_gates({"layer1.se": torch.rand(40, 16)},
@@ -186,6 +187,7 @@ def gate_class_profile(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import gate_class_profile
         >>> import torch
         >>> from attnblocks.inspect import GateStats
         >>> stats = GateStats.from_gates({"s": torch.rand(30, 8)}, labels=torch.arange(30) % 3)
@@ -315,6 +317,7 @@ def gate_heatmap(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import gate_heatmap
         >>> import torch
         >>> fig = gate_heatmap({"layer1.se": torch.rand(10, 16), "layer2.se": torch.rand(10, 32)})
         >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]

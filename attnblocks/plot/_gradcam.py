@@ -64,6 +64,7 @@ def gradcam_overlay(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import gradcam_overlay
         >>> import torch
         >>> fig = gradcam_overlay(torch.rand(2, 3, 32, 32),
         ...                       {"A": torch.rand(2, 8, 8), "B": torch.rand(2, 8, 8)})

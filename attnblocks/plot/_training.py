@@ -79,6 +79,7 @@ def training_curves(
         A :class:`matplotlib.figure.Figure`.
 
     Example:
+        >>> from attnblocks.plot import training_curves
         >>> fig = training_curves({
         ...     "ResNet-20": {"iter_loss": [2.3, 1.9, 1.6, 1.5], "train_acc": [0.4, 0.6],
         ...                   "val_acc": [0.38, 0.55]},
