@@ -36,11 +36,9 @@ from se_cifar.engine import (
     pick_device,
     train_run,
 )
-from se_cifar.models import build_model, count_parameters
+from se_cifar.models import build_model, count_parameters, valid_arms
 from se_cifar.recipes import RECIPES, get_recipe
-from se_cifar.stats import compare, mean_std
-
-ARMS = ("baseline", "se")
+from se_cifar.stats import comparisons, mean_std
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train = p.add_argument_group("training")
     train.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
-    train.add_argument("--arms", default="baseline,se", help="comma-separated arms: baseline, se")
+    train.add_argument(
+        "--arms", default="baseline,se", help="comma-separated arms: baseline, se, or a block name"
+    )
+    train.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add an arm with this attention block (eca, cbam, scse, simam, coord, ge, gc, "
+        "se) after each conv block; repeatable",
+    )
     train.add_argument("--seeds", type=int, default=1, help="seeds per arm")
     train.add_argument("--seed", type=int, default=0, help="first seed")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -115,10 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plain log lines instead of progress bars (for CI)",
     )
     args = p.parse_args(argv)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
+    arms = [a.strip().lower() for a in args.arms.split(",") if a.strip()]
+    arms += [b.lower() for b in args.block if b.lower() not in arms]
+    valid = valid_arms()
+    bad = [a for a in arms if a not in valid]
     if bad or not arms:
-        p.error(f"--arms {args.arms!r}: unknown arm(s) {bad}; valid arms are {list(ARMS)}")
+        p.error(f"--arms/--block: unknown arm(s) {bad}; valid arms are {valid}")
+    args.arms = ",".join(arms)
     args.arm_list = arms
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -368,12 +379,7 @@ def train_all(
             "final_test_acc_std": std,
             "best_test_acc_mean": mean_std([r["best_test_acc"] for r in arm_runs])[0],
         }
-    if "baseline" in summary["arms"] and "se" in summary["arms"]:
-        summary["comparison"] = compare(
-            [r["final_test_acc"] for r in summary["arms"]["baseline"]["runs"]],
-            [r["final_test_acc"] for r in summary["arms"]["se"]["runs"]],
-            names=("baseline", "se"),
-        ).to_dict()
+    summary.update(comparisons(summary["arms"]))
     if lead:
         write_csv(run_dir / "metrics.csv", metrics)
         write_csv(run_dir / "iterations.csv", iterations)
@@ -391,15 +397,15 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"{100 * info['best_test_acc_mean']:6.2f}  "
             f"{mean_std([r['epoch_time_s'] for r in runs])[0]:7.1f}"
         )
-    comp = summary.get("comparison")
-    if comp:
+    for arm, comp in summary.get("comparisons", {}).items():
         ci = (
             "n/a"
             if comp["ci_low"] is None
             else f"[{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
         )
         print(
-            f"se - baseline: {100 * comp['difference']:+.2f} points, 95% CI {ci} ({comp['note']})"
+            f"{arm} - baseline: {100 * comp['difference']:+.2f} points, 95% CI {ci} "
+            f"({comp['note']})"
         )
 
 

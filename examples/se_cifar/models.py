@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["SE_SITES", "TutorialCNN", "build_model", "count_parameters"]
+__all__ = ["SE_SITES", "TutorialCNN", "build_model", "count_parameters", "valid_arms"]
 
 #: Where the SE arm gets its blocks: after each conv block's activation (before pooling).
 SE_SITES = ["features.block*.relu"]
@@ -68,18 +68,29 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(arm: str, *, num_classes: int = 10, image_size: int = 32) -> nn.Module:
-    """Build one arm: ``"baseline"`` (the tutorial CNN) or ``"se"`` (the same with SE, r = 16).
+def valid_arms() -> list[str]:
+    """``"baseline"`` and every attention block registered in attnblocks (``"se"``, ...)."""
+    from attnblocks import available_blocks
 
-    The SE arm is the baseline rewritten by :func:`attnblocks.insert_se`: the SE
-    blocks go after each conv block's activation, channels found by a probe pass.
+    return ["baseline", *available_blocks()]
+
+
+def build_model(arm: str, *, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """Build one arm: ``"baseline"`` (the tutorial CNN) or the same CNN with attention.
+
+    ``"se"`` is the tutorial's SE variant, made by :func:`attnblocks.insert_se` (r = 16)
+    after each conv block's activation; any other registered block name (``"eca"``,
+    ``"cbam"``, ...) is inserted at the same sites by :func:`attnblocks.insert_attention`
+    with the block's default options. Channels are found by a probe pass.
     """
     model = TutorialCNN(num_classes=num_classes, image_size=image_size)
     if arm == "baseline":
         return model
-    if arm == "se":
-        from attnblocks import insert_se
+    from attnblocks import available_blocks, insert_attention, insert_se
 
-        probe = torch.zeros(1, 3, image_size, image_size)
+    probe = torch.zeros(1, 3, image_size, image_size)
+    if arm == "se":
         return insert_se(model, SE_SITES, reduction=16, example_input=probe)
-    raise ValueError(f"unknown arm {arm!r}; valid arms are 'baseline' and 'se'.")
+    if arm in available_blocks():
+        return insert_attention(model, SE_SITES, block=arm, example_input=probe)
+    raise ValueError(f"unknown arm {arm!r}; valid arms are {valid_arms()}.")

@@ -15,7 +15,7 @@ from se_cifar.augment import normalize
 from se_cifar.data import Split, load_cifar10
 from se_cifar.models import build_model
 from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD
-from se_cifar.stats import compare, mean_std
+from se_cifar.stats import comparisons, mean_std
 
 __all__ = ["compare_runs", "make_figures", "summary_figure"]
 
@@ -79,48 +79,84 @@ def _test_split(run_dir: Path) -> Split:
     return test
 
 
+def _has_channel_gates(model: nn.Module) -> bool:
+    from attnblocks import AttentionBlock
+
+    return any(isinstance(m, AttentionBlock) and m.has_channel_gate for m in model.modules())
+
+
 def summary_figure(summary: dict[str, Any]) -> Any:
     """One figure comparing the arms: accuracy (mean +/- std over seeds), cost and latency."""
     from matplotlib.figure import Figure
 
     arms = list(summary["arms"])
     info = [summary["arms"][a] for a in arms]
-    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(arms)]
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
-    axes = fig.subplots(1, 4)
+    palette = [
+        "#4C72B0",
+        "#DD8452",
+        "#55A868",
+        "#C44E52",
+        "#8172B3",
+        "#937860",
+        "#DA8BC3",
+        "#8C8C8C",
+        "#CCB974",
+        "#64B5CD",
+    ]
+    colors = [palette[k % len(palette)] for k in range(len(arms))]
+    labels = [f"{a}\n(n={len(i['runs'])})" for a, i in zip(arms, info, strict=True)]
+    comps = summary.get("comparisons", {})
+    fig = Figure(
+        figsize=(max(9.0, 1.5 * len(arms) + 4), 7.2 + 0.22 * len(comps)), layout="constrained"
+    )
+    axes = fig.subplots(2, 2).flatten()
     acc = [100 * i["final_test_acc_mean"] for i in info]
     err = [100 * i["final_test_acc_std"] for i in info]
-    axes[0].bar(arms, acc, yerr=err, color=colors, capsize=6)
+    axes[0].bar(labels, acc, yerr=err, color=colors, capsize=6)
     for k, i in enumerate(info):
         seeds = [100 * r["final_test_acc"] for r in i["runs"]]
         axes[0].scatter([k] * len(seeds), seeds, color="black", s=12, zorder=3)
-        axes[0].text(k, acc[k] + max(err) + 0.3, f"{acc[k]:.2f}%", ha="center")
+        axes[0].annotate(
+            f"{acc[k]:.2f}%",
+            (k, acc[k] + err[k]),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+        )
     low = min(min(100 * r["final_test_acc"] for r in i["runs"]) for i in info)
-    axes[0].set_ylim(max(0.0, low - 5), min(100.0, max(acc) + max(err) + 2.5))
-    n_seeds = ", ".join(f"{a}: n={len(i['runs'])}" for a, i in zip(arms, info, strict=True))
-    axes[0].set_title(f"final test accuracy ({n_seeds})")
+    high = max(max(100 * r["final_test_acc"] for r in i["runs"]) for i in info)
+    axes[0].set_ylim(max(0.0, low - 3), min(100.0, high + 2))
+    axes[0].set_title("final test accuracy (mean +/- std over seeds; dots: seeds)")
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].bar(arms, [i["params"] / 1e6 for i in info], color=colors)
-    axes[1].set_title("parameters")
-    axes[1].set_ylabel("millions")
+    base_params = summary["arms"].get("baseline", info[0])["params"]
+    added = [i["params"] - base_params for i in info]
+    axes[1].bar(labels, [a / 1e3 for a in added], color=colors)
+    for k, a in enumerate(added):
+        axes[1].annotate(
+            f"{a:+,}", (k, a / 1e3), xytext=(0, 3), textcoords="offset points", ha="center"
+        )
+    axes[1].set_title(f"parameters added to the baseline's {base_params / 1e6:.2f} M")
+    axes[1].set_ylabel("thousands")
     axes[2].bar(
-        arms, [mean_std([r["epoch_time_s"] for r in i["runs"]])[0] for i in info], color=colors
+        labels, [mean_std([r["epoch_time_s"] for r in i["runs"]])[0] for i in info], color=colors
     )
     axes[2].set_title("training time per epoch")
     axes[2].set_ylabel("seconds")
-    axes[3].bar(arms, [i["runs"][0]["latency"]["batch1"]["latency_ms"] for i in info], color=colors)
-    axes[3].set_title("inference latency, batch 1")
-    axes[3].set_ylabel("ms (median)")
-    comp = summary.get("comparison")
-    title = "baseline vs SE"
-    if comp:
+    axes[3].bar(
+        labels, [i["runs"][0]["latency"]["batch1"]["latency_ms"] for i in info], color=colors
+    )
+    axes[3].set_title("inference latency, batch 1 (median)")
+    axes[3].set_ylabel("ms")
+    lines = []
+    for arm, comp in comps.items():
         ci = (
-            ""
+            "no CI (one seed per arm)"
             if comp["ci_low"] is None
-            else f", 95% CI [{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
+            else f"95% CI [{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
         )
-        title += f": SE - baseline = {100 * comp['difference']:+.2f} points{ci}"
-    fig.suptitle(title)
+        lines.append(f"{arm} - baseline: {100 * comp['difference']:+.2f} points, {ci}")
+    recipe = summary.get("recipe", {}).get("name", "?")
+    fig.suptitle("\n".join([f"CIFAR-10, recipe '{recipe}': " + " vs ".join(arms), *lines]))
     return fig
 
 
@@ -205,10 +241,13 @@ def _figures(
         cams[arm] = inspect.grad_cam(
             model, images, targets, LAST_SITE, size=tuple(images.shape[-2:])
         )
-        if arm != "baseline":
+        last: list[torch.Tensor] = []
+        if _has_channel_gates(model):
             with inspect.record_gates(model) as grec, torch.no_grad():
                 model(images)
-            last_gate = next(g for name, g in grec.gates.items() if name.startswith(LAST_SITE))
+            last = [g for name, g in grec.gates.items() if name.startswith(LAST_SITE)]
+        if last:  # the arm's blocks apply a channel gate: rank by it, and profile it
+            last_gate = last[0]
             save(
                 plot.channel_heatmaps(
                     images[0],
@@ -284,12 +323,9 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
     joint: dict[str, Any] = {**summaries[0], "arms": {}, "sources": [str(d) for d in run_dirs]}
     for s in summaries:
         joint["arms"].update(s["arms"])
-    if "baseline" in joint["arms"] and "se" in joint["arms"]:
-        joint["comparison"] = compare(
-            [r["final_test_acc"] for r in joint["arms"]["baseline"]["runs"]],
-            [r["final_test_acc"] for r in joint["arms"]["se"]["runs"]],
-            names=("baseline", "se"),
-        ).to_dict()
+    joint.pop("comparison", None)
+    joint.pop("comparisons", None)
+    joint.update(comparisons(joint["arms"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(joint, indent=2))
     for name in ("metrics.csv", "iterations.csv"):

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Comparison", "compare", "mean_std", "t_quantile"]
+__all__ = ["Comparison", "compare", "comparisons", "mean_std", "t_quantile"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -105,3 +105,25 @@ def compare(
         ci_high=high,
         note=note,
     )
+
+
+def comparisons(arms: dict[str, Any]) -> dict[str, Any]:
+    """Each arm against ``"baseline"`` on final test accuracy, as summary.json entries.
+
+    Returns ``{"comparisons": {arm: Comparison dict}}`` plus ``"comparison"`` (the SE
+    arm's, kept as the headline) when there is an SE arm; empty without a baseline.
+    """
+    if "baseline" not in arms:
+        return {}
+    control = [r["final_test_acc"] for r in arms["baseline"]["runs"]]
+    out = {
+        arm: compare(
+            control, [r["final_test_acc"] for r in info["runs"]], names=("baseline", arm)
+        ).to_dict()
+        for arm, info in arms.items()
+        if arm != "baseline"
+    }
+    result: dict[str, Any] = {"comparisons": out}
+    if "se" in out:
+        result["comparison"] = out["se"]
+    return result
