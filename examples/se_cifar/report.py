@@ -181,7 +181,7 @@ def _figures(
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     classes = test.classes
     save(
-        plot.training_curves(histories, smooth=25, title="training: baseline vs SE"),
+        plot.training_curves(histories, smooth=25, title="training: " + " vs ".join(histories)),
         "training_curves",
     )
     save(summary_figure(summary), "summary")
