@@ -46,6 +46,8 @@ class AttentionBlock(nn.Module):
 
     #: Whether ``init="identity"`` makes the block an exact identity map.
     supports_identity_init: ClassVar[bool] = False
+    #: For a block without identity init, one sentence saying why (quoted in errors).
+    identity_init_unavailable: ClassVar[str] = ""
     #: Whether the block applies a per-(sample, channel) gate (some blocks decide
     #: per instance, so read it from the instance).
     has_channel_gate: bool = True

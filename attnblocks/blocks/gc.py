@@ -112,6 +112,7 @@ class GlobalContextBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
     has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.

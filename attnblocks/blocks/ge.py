@@ -130,6 +130,7 @@ class GatherExciteBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = True
     #: The numbers of spatial dimensions the block accepts (set per instance).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
