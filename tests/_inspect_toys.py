@@ -55,7 +55,6 @@ def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
             len(module._backward_hooks),
             len(module._backward_pre_hooks),
             len(getattr(module, "_gate_hooks", ())),
-            len(getattr(module, "_map_hooks", ())),
         )
     return out
 

@@ -6,7 +6,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from _inspect_toys import hook_counts, modes
+from _inspect_toys import hook_counts as module_hook_counts
+from _inspect_toys import modes
 from _models import small_cnn, trained_like_
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,16 @@ from attnblocks import (
     insert_attention,
 )
 from attnblocks.inspect import record_features, record_gates, record_maps
+
+
+def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every kind of hook per module, the attention blocks' map hooks included."""
+    counts = module_hook_counts(model)
+    return {
+        name: (*counts[name], len(getattr(module, "_map_hooks", ())))
+        for name, module in model.named_modules()
+    }
+
 
 #: The blocks of toy_spatial_net with a spatial map, and the channel count of their map.
 MAP_SITES = {"cbam": 1, "simam": 12, "coord": 12, "gc": 1, "scse": 1, "ge": 12}
