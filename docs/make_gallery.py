@@ -22,8 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnblocks import SEBlock
-from attnblocks.inspect import gate_statistics, grad_cam, record_features, record_gates
+from attnblocks import SEBlock, insert_attention
+from attnblocks.inspect import (
+    gate_statistics,
+    grad_cam,
+    record_features,
+    record_gates,
+    record_maps,
+)
 from attnblocks.plot import (
     channel_heatmaps,
     confusion_matrix,
@@ -32,6 +38,7 @@ from attnblocks.plot import (
     gate_heatmap,
     gate_profiles,
     gradcam_overlay,
+    spatial_map_overlay,
     training_curves,
 )
 
@@ -207,6 +214,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     titles = [CLASSES[t] for t in targets.tolist()]
     save(gradcam_overlay(images, cams, titles=titles, mean=MEAN, std=STD), "gradcam_overlay")
+
+    # a CBAM-CNN: the plain CNN with CBAM inserted after every stage's batch norm
+    torch.manual_seed(args.seed)
+    cbam_net = insert_attention(make_net(se=False), ["layer*.bn"], block="cbam", reduction=4)
+    train(cbam_net, data, test, args.epochs)
+    cbam_net.eval()
+    with torch.no_grad(), record_maps(cbam_net) as rec:
+        cbam_net(images)
+    save(
+        spatial_map_overlay(images, rec.maps, titles=titles, mean=MEAN, std=STD),
+        "spatial_map_overlay",
+    )
 
 
 if __name__ == "__main__":

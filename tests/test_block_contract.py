@@ -12,6 +12,11 @@ What a block promises (see :class:`attnblocks.AttentionBlock`):
 * samples are independent in eval mode;
 * a block with ``has_channel_gate`` passes one ``(N, C)`` gate per forward to its
   gate hooks; a block without never calls them;
+* a block with ``has_spatial_map`` passes one ``(N, 1 or C, *spatial)`` map per
+  forward to its map hooks, the one its ``spatial_map(x)`` returns; a block without
+  never calls them;
+* :func:`attnblocks.inspect.record_gates` and :func:`~attnblocks.inspect.record_maps`
+  record exactly what ``excitation(x)`` and ``spatial_map(x)`` return;
 * every parameter receives gradient;
 * deepcopy, pickle and ``state_dict`` round trips give the same function;
 * misuse raises the library's errors;
@@ -42,6 +47,7 @@ from attnblocks import (
     create_block,
 )
 from attnblocks.blocks import get_block_class
+from attnblocks.inspect import record_gates, record_maps
 
 #: Non-default configurations run through the same contract.
 EXTRA_OPTIONS: dict[str, list[dict[str, Any]]] = {
@@ -215,6 +221,76 @@ def test_channel_gate_reaches_hooks_in_range(
     assert len(seen) == 1
 
 
+# -- spatial map ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_spatial_map_reaches_map_hooks(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options).double().eval()
+    x = data.draw(inputs(block, dtypes=(torch.float64,)), label="x")
+    x.requires_grad_(True)
+    seen: list[torch.Tensor] = []
+    handle = block.register_map_hook(lambda module, attention_map: seen.append(attention_map))
+    block(x)
+    if not block.has_spatial_map:
+        assert seen == []
+        return
+    assert len(seen) == 1
+    (attention_map,) = seen
+    assert attention_map.shape[0] == x.shape[0]
+    assert attention_map.shape[1] in (1, channels)
+    assert attention_map.shape[2:] == x.shape[2:]
+    assert not attention_map.requires_grad
+    assert bool(torch.isfinite(attention_map).all() & (attention_map >= 0).all())
+    torch.testing.assert_close(block.spatial_map(x).detach(), attention_map, rtol=0, atol=0)
+    handle.remove()
+    block(x)
+    assert len(seen) == 1
+
+
+# -- recording through attnblocks.inspect ---------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_inspect_records_what_the_block_applies(
+    name: str, options: dict[str, Any], data: st.DataObject
+) -> None:
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    block = build(name, channels, options).double().eval()
+    net = torch.nn.Sequential(block)
+    first = data.draw(inputs(block, dtypes=(torch.float64,)), label="first batch")
+    second = torch.randn_like(first)[: data.draw(st.integers(1, first.shape[0]))]
+    with torch.no_grad():
+        if block.has_channel_gate:
+            with record_gates(net) as gates:
+                net(first)
+                net(second)
+            expected = torch.cat([block.excitation(first), block.excitation(second)])
+            torch.testing.assert_close(gates.gates["0"], expected, rtol=0, atol=0)
+        else:
+            with pytest.raises(InvalidArgumentError, match="no channel attention block"):
+                record_gates(net).__enter__()
+        if block.has_spatial_map:
+            with record_maps(net) as maps:
+                net(first)
+                net(second)
+            expected = torch.cat([block.spatial_map(first), block.spatial_map(second)])
+            torch.testing.assert_close(maps.maps["0"], expected, rtol=0, atol=0)
+        else:
+            with pytest.raises(InvalidArgumentError, match="no attention block with a spatial"):
+                record_maps(net).__enter__()
+    assert not block._gate_hooks and not block._map_hooks
+
+
 # -- gradients --------------------------------------------------------------------
 
 
@@ -272,8 +348,25 @@ def test_deepcopy_pickle_and_state_dict_round_trip(name: str, options: dict[str,
             torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
     hooks: list[torch.Tensor] = []
     restored.register_gate_hook(lambda module, gate: hooks.append(gate))
+    maps: list[torch.Tensor] = []
+    restored.register_map_hook(lambda module, attention_map: maps.append(attention_map))
     restored(x)
     assert len(hooks) == int(restored.has_channel_gate)
+    assert len(maps) == int(restored.has_spatial_map)
+
+
+@pytest.mark.parametrize("name", available_blocks())
+def test_blocks_pickled_without_hook_tables_still_load(name: str) -> None:
+    """A block pickled before map hooks existed (no ``_map_hooks``) loads with empty tables."""
+    block = build(name, 8, {})
+    state = dict(block.__dict__)
+    del state["_map_hooks"], state["_gate_hooks"]
+    old = get_block_class(name).__new__(get_block_class(name))
+    old.__setstate__(state)
+    assert old._gate_hooks == {} and old._map_hooks == {}
+    x = torch.randn(2, 8, *([4] * spatial_ranks(block)[-1]))
+    old.register_map_hook(lambda module, attention_map: None).remove()
+    torch.testing.assert_close(old.eval()(x), block.eval()(x), rtol=0, atol=0)
 
 
 # -- errors -------------------------------------------------------------------------

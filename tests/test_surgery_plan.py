@@ -113,3 +113,14 @@ def test_se_resnet50_matches_the_paper() -> None:
     assert total == plan.model_params + plan.params_added
     assert abs(total - 28.09e6) / 28.09e6 < 0.01
     assert len([n for n, _ in model.named_modules() if n.endswith("bn3.se")]) == 16
+
+
+def test_cost_of_a_batchnorm_block_on_a_map_that_gathers_to_one_cell() -> None:
+    """The cost is estimated in eval mode: GE-theta's BatchNorm accepts one sample there."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    plan = plan_attention(
+        model, ["1"], block="ge", variant="theta", extent=8, example_input=torch.zeros(1, 3, 7, 7)
+    )
+    # three depthwise 3x3 convolutions of stride 2: 7x7 -> 4x4 -> 2x2 -> 1x1
+    assert plan.macs_added == 8 * 9 * (16 + 4 + 1)
+    assert model.training  # the model's own mode is untouched

@@ -1,4 +1,4 @@
-"""The base class shared by every attention block: constructor contract and gate hooks."""
+"""The base class shared by every attention block: constructor contract, gate and map hooks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttentionBlock", "GateHook"]
+__all__ = ["AttentionBlock", "GateHook", "MapHook"]
 
 #: A gate hook is called as ``hook(block, gate)`` with the block and the gate it
 #: has just applied, detached: ``(N, C)`` for channel gates.
 GateHook = Callable[[nn.Module, torch.Tensor], None]
+#: A map hook is called as ``hook(block, attention_map)`` with the block and its
+#: spatial attention map, detached: ``(N, 1, *spatial)`` for a map shared by all
+#: channels, ``(N, C, *spatial)`` for a map per channel.
+MapHook = Callable[[nn.Module, torch.Tensor], None]
 
 
 class AttentionBlock(nn.Module):
@@ -26,15 +30,31 @@ class AttentionBlock(nn.Module):
     with the gate it applied, so tools such as :func:`attnblocks.inspect.record_gates`
     can read gates without recomputing them.
 
+    Blocks whose attention varies over space (``has_spatial_map``) also call their
+    map hooks with that spatial attention map, read by
+    :func:`attnblocks.inspect.record_maps`, and return the same map from their
+    ``spatial_map(x)`` method. The map has shape ``(N, 1, *spatial)`` when one map
+    weights every channel (CBAM, scSE, Global Context) and ``(N, C, *spatial)`` when
+    each channel has its own (SimAM, Coordinate Attention, Gather-Excite with a local
+    extent); each block's docstring says what its map is.
+
     Subclasses set :attr:`supports_identity_init` to say whether ``init="identity"``
-    is available, and call :meth:`_emit_gate` from ``forward``.
+    is available, call :meth:`_emit_gate` from ``forward``, and, if they set
+    ``has_spatial_map``, :meth:`_emit_map` (only when :attr:`has_map_hooks`, so that
+    a map that costs memory is built only for the hooks).
     """
 
     #: Whether ``init="identity"`` makes the block an exact identity map.
     supports_identity_init: ClassVar[bool] = False
+    #: For a block without identity init, one sentence saying why (quoted in errors).
+    identity_init_unavailable: ClassVar[str] = ""
     #: Whether the block applies a per-(sample, channel) gate (some blocks decide
     #: per instance, so read it from the instance).
     has_channel_gate: bool = True
+    #: Whether the block has a spatial attention map, passed to its map hooks and
+    #: returned by ``spatial_map(x)`` (read it from the instance, as for
+    #: :attr:`has_channel_gate`).
+    has_spatial_map: bool = False
     #: The numbers of spatial dimensions the block accepts (1: Conv1d features, ...).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
 
@@ -43,6 +63,7 @@ class AttentionBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
+        self._map_hooks: OrderedDict[int, MapHook] = OrderedDict()
 
     def register_gate_hook(self, hook: GateHook) -> RemovableHandle:
         """Register ``hook(block, gate)``, called on every forward with the detached gate.
@@ -54,13 +75,50 @@ class AttentionBlock(nn.Module):
         self._gate_hooks[handle.id] = hook
         return handle
 
+    def register_map_hook(self, hook: MapHook) -> RemovableHandle:
+        """Register ``hook(block, attention_map)``, called on every forward with the detached map.
+
+        Only blocks with ``has_spatial_map`` call their map hooks; the map is the one
+        ``spatial_map(x)`` returns, ``(N, 1, *spatial)`` or ``(N, C, *spatial)``.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+
+        Example:
+            >>> import torch
+            >>> from attnblocks import CBAMBlock
+            >>> cbam, maps = CBAMBlock(16, reduction=4), []
+            >>> handle = cbam.register_map_hook(lambda block, m: maps.append(m))
+            >>> _ = cbam(torch.randn(2, 16, 7, 7))
+            >>> handle.remove()
+            >>> maps[0].shape
+            torch.Size([2, 1, 7, 7])
+        """
+        handle = RemovableHandle(self._map_hooks)
+        self._map_hooks[handle.id] = hook
+        return handle
+
+    @property
+    def has_map_hooks(self) -> bool:
+        """Whether any map hook is registered (blocks build costly maps only then)."""
+        return bool(self._map_hooks)
+
     def _emit_gate(self, gate: torch.Tensor) -> None:
         if self._gate_hooks:
             detached = gate.detach()
             for hook in list(self._gate_hooks.values()):
                 hook(self, detached)
 
+    def _emit_map(self, attention_map: torch.Tensor) -> None:
+        if self._map_hooks:
+            detached = attention_map.detach()
+            for hook in list(self._map_hooks.values()):
+                hook(self, detached)
+
     def __setstate__(self, state: dict[str, object]) -> None:
         super().__setstate__(state)
+        # objects pickled before a hook table existed get an empty one
         if "_gate_hooks" not in self.__dict__:
             self._gate_hooks = OrderedDict()
+        if "_map_hooks" not in self.__dict__:
+            self._map_hooks = OrderedDict()

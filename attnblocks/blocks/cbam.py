@@ -82,8 +82,8 @@ class CBAMBlock(AttentionBlock):
         - Output: same shape, dtype and memory format as the input.
 
     The channel gate :math:`M_c` (shape :math:`(N, C)`) goes to the gate hooks and
-    :meth:`excitation`; the spatial map :math:`M_s` (shape :math:`(N, 1, H, W)`) is
-    returned by :meth:`spatial_map`.
+    :meth:`excitation`; the spatial map :math:`M_s` (shape :math:`(N, 1, H, W)`) goes
+    to the map hooks (``has_spatial_map`` is True) and :meth:`spatial_map`.
 
     Example:
         >>> import torch
@@ -102,6 +102,7 @@ class CBAMBlock(AttentionBlock):
 
     supports_identity_init = True
     has_channel_gate = True
+    has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (2,)
 
@@ -211,7 +212,9 @@ class CBAMBlock(AttentionBlock):
         gate = self._channel_gate(x)
         self._emit_gate(gate)
         refined = x * gate.to(x.dtype)[:, :, None, None]
-        out = refined * self._spatial_gate(refined).to(x.dtype)
+        spatial = self._spatial_gate(refined)
+        self._emit_map(spatial)
+        out = refined * spatial.to(x.dtype)
         return match_memory_format(out, x)
 
     def extra_repr(self) -> str:

@@ -68,7 +68,12 @@ class CoordAttentionBlock(AttentionBlock):
     its weight would get no gradient.
 
     The block has no per-channel gate (``has_channel_gate`` is False): its gates vary
-    along :math:`H` and :math:`W`. :meth:`coordinate_maps` returns them.
+    along :math:`H` and :math:`W`. :meth:`coordinate_maps` returns the two factors
+    :math:`g^h` and :math:`g^w`. Its spatial map is their product
+    :math:`g^h_c(i) \cdot g^w_c(j)`, shape :math:`(N, C, H, W)`, the weight each
+    activation is multiplied by: it goes to the map hooks (``has_spatial_map`` is
+    True; the product is built only while a map hook is registered) and
+    :meth:`spatial_map` returns it.
 
     Args:
         channels: :math:`C`, the number of input (and output) channels.
@@ -97,7 +102,9 @@ class CoordAttentionBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
+    has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (2,)
 
@@ -165,10 +172,20 @@ class CoordAttentionBlock(AttentionBlock):
         self._check(x)
         return self._gates(x)
 
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Return :math:`g^h \\otimes g^w`, shape :math:`(N, C, H, W)`: each activation's weight.
+
+        The dtype is the parameters'.
+        """
+        g_h, g_w = self.coordinate_maps(x)
+        return g_h * g_w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight ``x`` by its height gate and its width gate."""
         self._check(x)
         g_h, g_w = self._gates(x)
+        if self.has_map_hooks:
+            self._emit_map(g_h * g_w)
         return match_memory_format(x * g_h.to(x.dtype) * g_w.to(x.dtype), x)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
@@ -69,10 +70,15 @@ class GlobalContextBlock(AttentionBlock):
     exact identity, but only that last layer learns at the first step.
 
     With ``fusion="mul"`` the block is a channel gate (``has_channel_gate`` is True and
-    the :math:`(N, C)` gate :math:`\sigma(t)` goes to the gate hooks); with ``"add"``
-    it adds a vector, has no gate and never calls the hooks. :meth:`fusion_term`
-    returns :math:`t` (``"add"``) or :math:`\sigma(t)` (``"mul"``) and
-    :meth:`context_weights` the attention map :math:`\alpha`.
+    the :math:`(N, C)` gate :math:`\sigma(t)` goes to the gate hooks and
+    :meth:`excitation`); with ``"add"``
+    it adds a vector, has no gate and never calls the gate hooks. :meth:`fusion_term`
+    returns :math:`t` (``"add"``) or :math:`\sigma(t)` (``"mul"``). The spatial map is
+    the attention map :math:`\alpha`, shape :math:`(N, 1, *)`, summing to 1 over the
+    positions of each sample: it tells *where* the context is pooled from (it does
+    not multiply the input). It goes to the map hooks (``has_spatial_map`` is True,
+    for both fusions) and :meth:`context_weights` (alias :meth:`spatial_map`) returns
+    it.
 
     Args:
         channels: :math:`C`, the number of input (and output) channels.
@@ -106,7 +112,9 @@ class GlobalContextBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
+    has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (1, 2, 3)
 
@@ -164,8 +172,7 @@ class GlobalContextBlock(AttentionBlock):
         flat = logits.flatten(1).to(accumulation_dtype(x))
         return flat.softmax(dim=1).view(logits.shape)
 
-    def _term(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self._weights(x)
+    def _term(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # c_n = sum_j alpha_nj x_nj, with the spatial positions j flattened.
         context = torch.einsum("ncj,nj->nc", x.flatten(2).to(weights.dtype), weights.flatten(1))
         context = to_dtype_of(context, self.fc1.weight)
@@ -180,12 +187,33 @@ class GlobalContextBlock(AttentionBlock):
     def fusion_term(self, x: torch.Tensor) -> torch.Tensor:
         r"""Return the :math:`(N, C)` term fused into ``x``: :math:`t` or :math:`\sigma(t)`."""
         self._check(x)
-        return self._term(x)
+        return self._term(x, self._weights(x))
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Return the :math:`(N, C)` channel gate :math:`\sigma(t)` of ``fusion="mul"``.
+
+        Raises:
+            InvalidArgumentError: with ``fusion="add"``, which adds :math:`t` instead of
+                gating (``has_channel_gate`` is False): read :meth:`fusion_term`.
+        """
+        if self.fusion != "mul":
+            raise InvalidArgumentError(
+                f"{type(self).__name__} with fusion={self.fusion!r} has no channel gate: it "
+                "adds the transformed context t to every position (has_channel_gate is "
+                "False); read fusion_term(x), or build the block with fusion='mul'."
+            )
+        return self.fusion_term(x)
+
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`context_weights`, under the name every spatial block shares."""
+        return self.context_weights(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pool the global context, transform it and fuse it into every position."""
         self._check(x)
-        term = self._term(x)
+        weights = self._weights(x)
+        self._emit_map(weights)
+        term = self._term(x, weights)
         shape = term.shape + (1,) * len(spatial_dims_of(x))
         if self.fusion == "mul":
             self._emit_gate(term)

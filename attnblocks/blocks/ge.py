@@ -84,8 +84,9 @@ class GatherExciteBlock(AttentionBlock):
 
     With global extent the block is a channel gate (``has_channel_gate`` is True and
     the :math:`(N, C)` gate goes to the gate hooks); with a local extent its gate
-    varies over space, ``has_channel_gate`` is False and :meth:`excitation` returns
-    the full gate.
+    varies over space: ``has_channel_gate`` is False, ``has_spatial_map`` is True, and
+    the full gate, :math:`(N, C, *)` after the nearest-neighbour excite, goes to the
+    map hooks and is returned by :meth:`excitation` and :meth:`spatial_map`.
 
     Args:
         channels: :math:`C`, the number of input (and output) channels.
@@ -129,6 +130,7 @@ class GatherExciteBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = True
     #: The numbers of spatial dimensions the block accepts (set per instance).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
@@ -170,6 +172,7 @@ class GatherExciteBlock(AttentionBlock):
         self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
         # Per instance: a global gather gives a channel gate, a local one a spatial gate.
         self.has_channel_gate = self.extent is None
+        self.has_spatial_map = self.extent is not None
         self.spatial_dims = (2,) if parametric else (1, 2, 3)
 
         self.gather: nn.Sequential | None = None
@@ -308,6 +311,21 @@ class GatherExciteBlock(AttentionBlock):
             return gate
         return self._upsample(gate, self.extent, x.shape[2:])
 
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the full gate :math:`(N, C, *)` of a local extent (as :meth:`excitation`).
+
+        Raises:
+            InvalidArgumentError: with global extent, whose gate is one value per
+                channel (``has_spatial_map`` is False): read :meth:`excitation` instead.
+        """
+        if self.extent is None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} with global extent (extent=None) has no spatial "
+                "map: its gate is one value per channel (has_spatial_map is False); read "
+                "excitation(x), or build the block with a local extent, e.g. extent=4."
+            )
+        return self.excitation(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gather context, excite ``x`` with it."""
         self._check(x)
@@ -315,6 +333,10 @@ class GatherExciteBlock(AttentionBlock):
         if self.extent is None:
             self._emit_gate(gate)
             gate = gate.to(x.dtype).view(gate.shape + (1,) * (x.dim() - 2))
+        elif self.has_map_hooks:
+            gate = self._upsample(gate, self.extent, x.shape[2:])
+            self._emit_map(gate)
+            gate = gate.to(x.dtype)
         else:
             gate = self._upsample(gate.to(x.dtype), self.extent, x.shape[2:])
         return match_memory_format(x * gate, x)

@@ -80,7 +80,9 @@ class SCSEBlock(AttentionBlock):
         - Output: same shape, dtype and memory format as the input.
 
     The cSE gate (shape :math:`(N, C)`) goes to the gate hooks and :meth:`excitation`;
-    the sSE map (shape :math:`(N, 1, *)`) is returned by :meth:`spatial_map`.
+    the sSE map :math:`\sigma(W_s \star x)` (shape :math:`(N, 1, *)`, times the
+    identity-init gate scale, if any) goes to the map hooks (``has_spatial_map`` is
+    True) and :meth:`spatial_map`.
 
     Example:
         >>> import torch
@@ -99,6 +101,7 @@ class SCSEBlock(AttentionBlock):
 
     supports_identity_init = True
     has_channel_gate = True
+    has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (1, 2, 3)
 
@@ -186,7 +189,9 @@ class SCSEBlock(AttentionBlock):
         channel = self._channel_gate(x)
         self._emit_gate(channel)
         channel = channel.to(x.dtype).view(channel.shape + (1,) * (x.dim() - 2))
-        spatial = self._spatial_gate(x).to(x.dtype)
+        spatial = self._spatial_gate(x)
+        self._emit_map(spatial)
+        spatial = spatial.to(x.dtype)
         if self.combine == "add":
             out = x * (channel + spatial)
         else:

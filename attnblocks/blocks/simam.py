@@ -57,7 +57,10 @@ class SimAMBlock(AttentionBlock):
     its input through unchanged.
 
     The block has no channel gate (``has_channel_gate`` is False and the gate hooks
-    are never called); :meth:`attention_map` returns the element-wise weights.
+    are never called). Its spatial map is the element-wise weights
+    :math:`\text{sigmoid}(1/E)`, shape :math:`(N, C, *)`: they go to the map hooks
+    (``has_spatial_map`` is True) and :meth:`attention_map` (alias
+    :meth:`spatial_map`) returns them.
 
     Args:
         channels: :math:`C`, the number of input (and output) channels, checked on
@@ -85,7 +88,9 @@ class SimAMBlock(AttentionBlock):
     """
 
     supports_identity_init = False
+    identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
+    has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (1, 2, 3)
 
@@ -122,11 +127,17 @@ class SimAMBlock(AttentionBlock):
         self._check(x)
         return self._attention(x.to(accumulation_dtype(x)))
 
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`attention_map`, under the name every spatial block shares."""
+        return self.attention_map(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight every activation of ``x`` by :math:`\\text{sigmoid}(1/e_t^*)`."""
         self._check(x)
         xf = x.to(accumulation_dtype(x))  # a float32 copy for half types only
-        return match_memory_format((xf * self._attention(xf)).to(x.dtype), x)
+        weights = self._attention(xf)
+        self._emit_map(weights)
+        return match_memory_format((xf * weights).to(x.dtype), x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, lambda_={self.lambda_}"

@@ -1,4 +1,4 @@
-"""Look inside attention models: gates, features, knockouts and Grad-CAM.
+"""Look inside attention models: gates, spatial maps, features, knockouts and Grad-CAM.
 
 Everything here works on plain tensors and has no plotting dependency; the figures
 built from these results live in :mod:`attnblocks.plot`.
@@ -21,6 +21,7 @@ from attnblocks.inspect._gradcam import grad_cam
 from attnblocks.inspect._knockout import knockout, knockout_scan
 from attnblocks.inspect._maps import normalize_maps, upsample_maps
 from attnblocks.inspect._metrics import class_specificity, saturation
+from attnblocks.inspect._spatial import MapRecorder, record_maps
 from attnblocks.inspect._state import eval_mode
 from attnblocks.inspect._stats import GateStats, SiteStats, gate_statistics
 
@@ -28,6 +29,7 @@ __all__ = [
     "FeatureRecorder",
     "GateRecorder",
     "GateStats",
+    "MapRecorder",
     "SiteStats",
     "class_specificity",
     "eval_mode",
@@ -38,6 +40,7 @@ __all__ = [
     "normalize_maps",
     "record_features",
     "record_gates",
+    "record_maps",
     "saturation",
     "upsample_maps",
 ]

@@ -7,7 +7,7 @@ which of them to inspect.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from attnblocks._errors import InvalidArgumentError, SelectorError
 from attnblocks.blocks import AttentionBlock
 from attnblocks.surgery._selectors import Selector, describe_selector, resolve_selectors
 
-__all__ = ["Selectors", "find_gate_sites", "resolve_modules"]
+__all__ = ["Selectors", "find_gate_sites", "find_map_sites", "resolve_modules"]
 
 #: What ``sites=`` and ``layers=`` accept: a list of selectors (exact names, globs,
 #: ``"re:"`` regexes, module classes, predicates), as for :func:`attnblocks.insert_se`.
@@ -34,6 +34,10 @@ def _is_gate_site(module: nn.Module) -> bool:
     return isinstance(module, AttentionBlock) and bool(getattr(module, "has_channel_gate", True))
 
 
+def _is_map_site(module: nn.Module) -> bool:
+    return isinstance(module, AttentionBlock) and bool(getattr(module, "has_spatial_map", False))
+
+
 def find_gate_sites(
     model: nn.Module, sites: Selectors | None = None, *, owner: str
 ) -> list[tuple[str, AttentionBlock]]:
@@ -49,17 +53,54 @@ def find_gate_sites(
     Returns:
         The blocks in ``model.named_modules()`` order, each once.
     """
+    return _find_sites(
+        model,
+        sites,
+        _is_gate_site,
+        owner=owner,
+        kind="attention block with a channel gate",
+        missing="no channel attention block (an attnblocks.blocks.AttentionBlock such as "
+        "SEBlock); add some first, e.g. with attnblocks.insert_se",
+    )
+
+
+def find_map_sites(
+    model: nn.Module, sites: Selectors | None = None, *, owner: str
+) -> list[tuple[str, AttentionBlock]]:
+    """The attention blocks of ``model`` with a spatial map, as ``(name, block)`` pairs.
+
+    The same as :func:`find_gate_sites` for blocks whose ``has_spatial_map`` is True
+    (CBAM, scSE, SimAM, Coordinate Attention, Global Context, Gather-Excite with a
+    local extent).
+    """
+    return _find_sites(
+        model,
+        sites,
+        _is_map_site,
+        owner=owner,
+        kind="attention block with a spatial map",
+        missing="no attention block with a spatial map (has_spatial_map: CBAM, scSE, "
+        "SimAM, Coordinate Attention, Global Context, Gather-Excite with a local extent); "
+        "add some first, e.g. with attnblocks.insert_attention(model, layers, block='cbam')",
+    )
+
+
+def _find_sites(
+    model: nn.Module,
+    sites: Selectors | None,
+    is_site: Callable[[nn.Module], bool],
+    *,
+    owner: str,
+    kind: str,
+    missing: str,
+) -> list[tuple[str, AttentionBlock]]:
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(
             f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}."
         )
-    everything = [(name, m) for name, m in model.named_modules() if _is_gate_site(m)]
+    everything = [(name, m) for name, m in model.named_modules() if is_site(m)]
     if not everything:
-        raise InvalidArgumentError(
-            f"{owner}: {type(model).__name__} contains no channel attention block "
-            "(an attnblocks.blocks.AttentionBlock such as SEBlock); add some first, "
-            "e.g. with attnblocks.insert_se."
-        )
+        raise InvalidArgumentError(f"{owner}: {type(model).__name__} contains {missing}.")
     if sites is None:
         return everything
     if isinstance(sites, (str, bytes)) or not isinstance(sites, Sequence):
@@ -71,11 +112,10 @@ def find_gate_sites(
     matched = {name for name, _ in resolve_modules(model, sites, owner=owner)}
     for selector in sites:
         hits = resolve_modules(model, [selector], owner=owner)
-        if not any(_is_gate_site(m) for _, m in hits):
+        if not any(is_site(m) for _, m in hits):
             got = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in hits[:5])
             raise SelectorError(
-                f"{owner}: the selector {describe_selector(selector)} matches no attention "
-                f"block (it matches {got}); the model's attention blocks are "
-                f"{[n for n, _ in everything]}."
+                f"{owner}: the selector {describe_selector(selector)} matches no {kind} "
+                f"(it matches {got}); the model's are {[n for n, _ in everything]}."
             )
     return [(name, block) for name, block in everything if name in matched]

@@ -15,6 +15,7 @@ from attnblocks.plot._confusion import confusion_matrix
 from attnblocks.plot._features import channel_heatmaps, feature_map_grid
 from attnblocks.plot._gates import gate_class_profile, gate_heatmap, gate_profiles
 from attnblocks.plot._gradcam import gradcam_overlay
+from attnblocks.plot._spatial import spatial_map_overlay
 from attnblocks.plot._training import training_curves
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "gate_heatmap",
     "gate_profiles",
     "gradcam_overlay",
+    "spatial_map_overlay",
     "training_curves",
 ]

@@ -1,7 +1,9 @@
 """Estimate the compute an attention block adds, from the shape of the tensor it gates.
 
-The block is built on the ``meta`` device and run on a ``meta`` tensor of one
-sample, so nothing is allocated or computed. Two numbers are counted per sample:
+The block is built on the ``meta`` device and run, in eval mode, on a ``meta``
+tensor of one sample, so nothing is allocated or computed (eval mode: the inference
+cost, and a block with BatchNorm accepts a single sample whatever the map size).
+Two numbers are counted per sample:
 
 * **MACs**: multiply-accumulates of matrix multiplications and convolutions, as
   counted by :class:`torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2);
@@ -100,7 +102,7 @@ def estimate_block_cost(
 
     options = {k: v for k, v in block_kwargs.items() if k != "init"}
     with torch.device("meta"):
-        block = block_class(channels, **options)
+        block = block_class(channels, **options).eval()
         x = torch.empty((1, *shape[1:]))
     macs = FlopCounterMode(display=False)
     elementwise = _elementwise_counter_class()()

@@ -242,9 +242,17 @@ def prepare(
             f"{owner}: unknown init {init!r}; valid values are {list(_INIT_MODES)}."
         )
     if init == "identity" and not getattr(block_class, "supports_identity_init", False):
+        reason = getattr(block_class, "identity_init_unavailable", "")
+        supported = [
+            n
+            for n in available_blocks()
+            if getattr(get_block_class(n), "supports_identity_init", False)
+        ]
         raise InvalidArgumentError(
             f"{owner}: init='identity' is not available for {block_class.__name__} (its "
-            "class does not set supports_identity_init = True); use init='default'."
+            "class does not set supports_identity_init = True)"
+            + (f": {reason}" if isinstance(reason, str) and reason else ".")
+            + f" Use init='default', or a block that supports it: {supported}."
         )
     options = dict(block_kwargs)
     for reserved in ("channels", "init"):
