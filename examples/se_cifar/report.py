@@ -79,10 +79,11 @@ def _test_split(run_dir: Path) -> Split:
     return test
 
 
-def _has_channel_gates(model: nn.Module) -> bool:
+def _has(model: nn.Module, flag: str) -> bool:
+    """Whether an attention block in ``model`` has ``flag`` (has_channel_gate, has_spatial_map)."""
     from attnblocks import AttentionBlock
 
-    return any(isinstance(m, AttentionBlock) and m.has_channel_gate for m in model.modules())
+    return any(isinstance(m, AttentionBlock) and getattr(m, flag) for m in model.modules())
 
 
 def summary_figure(summary: dict[str, Any]) -> Any:
@@ -241,8 +242,21 @@ def _figures(
         cams[arm] = inspect.grad_cam(
             model, images, targets, LAST_SITE, size=tuple(images.shape[-2:])
         )
+        if _has(model, "has_spatial_map"):
+            with inspect.record_maps(model) as mrec, torch.no_grad():
+                model(images)
+            save(
+                plot.spatial_map_overlay(
+                    images,
+                    mrec.maps,
+                    titles=[classes[int(t)] for t in targets],
+                    mean=mean,
+                    std=std,
+                ),
+                f"spatial_maps_{arm}",
+            )
         last: list[torch.Tensor] = []
-        if _has_channel_gates(model):
+        if _has(model, "has_channel_gate"):
             with inspect.record_gates(model) as grec, torch.no_grad():
                 model(images)
             last = [g for name, g in grec.gates.items() if name.startswith(LAST_SITE)]
