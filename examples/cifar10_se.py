@@ -1,14 +1,13 @@
 """Train the tutorial's CNN on CIFAR-10 with and without Squeeze-and-Excitation, and compare.
 
 The baseline is the tutorial's 3-conv-layer CNN; the SE arm is the same network
-rewritten by :func:`attnblocks.insert_se` (an SE block after each conv block's
+rewritten by attnblocks.insert_se (an SE block after each conv block's
 activation, r = 16). Each arm is trained with one or more seeds; the run folder
 gets per-epoch metrics, a JSON summary, checkpoints and figures.
 
 Examples:
     python examples/cifar10_se.py --data-dir ../shared/data/cifar10
-    python examples/cifar10_se.py --recipe tutorial --arms baseline \
-        --data-dir ../shared/data/cifar10
+    python examples/cifar10_se.py --recipe tutorial --arms se --data-dir ../shared/data/cifar10
     python examples/cifar10_se.py --subset 500 --epochs 1 --no-progress   # a quick run
     python examples/cifar10_se.py --resume runs/20261130-120000         # continue after Ctrl-C
     python examples/cifar10_se.py --compare runs/base runs/se --out runs/both
@@ -43,8 +42,8 @@ from se_cifar.stats import comparisons, mean_std
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument(
@@ -52,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="ImageFolder tree with train/ and test/ (default: download CIFAR-10 with torchvision)",
     )
-    data.add_argument("--download-root", default="data", help="where torchvision downloads to")
+    data.add_argument(
+        "--download-root", default="data", help="where torchvision downloads to (default: data)"
+    )
     data.add_argument(
         "--cache-dir", default=None, help="cache of decoded images (default: <out>/../.cache)"
     )
@@ -69,9 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate on N test images (default: all, or --subset/5 with --subset)",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--recipe", choices=sorted(RECIPES), default="fast")
     train.add_argument(
-        "--arms", default="baseline,se", help="comma-separated arms: baseline, se, or a block name"
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="fast",
+        help="'tutorial': the tutorial's Adam / batch 64 / 50 epochs / heavy augmentation; "
+        "'fast': SGD one-cycle, batch 256, bf16 + channels_last (default: fast)",
+    )
+    train.add_argument(
+        "--arms",
+        default="baseline,se",
+        help="comma-separated arms: baseline, se, or a block name (default: baseline,se)",
     )
     train.add_argument(
         "--block",
@@ -81,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add an arm with this attention block (eca, cbam, scse, simam, coord, ge, gc, "
         "se) after each conv block; repeatable",
     )
-    train.add_argument("--seeds", type=int, default=1, help="seeds per arm")
-    train.add_argument("--seed", type=int, default=0, help="first seed")
+    train.add_argument("--seeds", type=int, default=1, help="seeds per arm (default: 1)")
+    train.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     train.add_argument("--batch-size", type=int, default=None, help="override the batch size")
     train.add_argument("--lr", type=float, default=None, help="override the learning rate")
@@ -98,8 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="channels_last memory format (default: the recipe's)",
     )
-    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="auto: cuda, then mps, then cpu (default: auto)",
+    )
+    train.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
