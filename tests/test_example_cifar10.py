@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import _cifar_example
@@ -93,15 +94,15 @@ def test_models_match_the_tutorial() -> None:
 
 
 class _StopAfter:
-    """A progress wrapper that presses Ctrl-C after ``n`` batches."""
+    """A progress wrapper that presses Ctrl-C (sends SIGINT) after ``n`` batches."""
 
     def __init__(self, n: int) -> None:
         self.left = n
 
-    def __call__(self, iterable, **_: object):
+    def __call__(self, iterable, **_: object):  # noqa: ANN001, ANN204
         for item in iterable:
             if self.left == 0:
-                raise KeyboardInterrupt
+                signal.raise_signal(signal.SIGINT)
             self.left -= 1
             yield item
 

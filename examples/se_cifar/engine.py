@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -103,6 +105,40 @@ def _seed_of(*parts: int) -> int:
     for part in parts:
         value = (value * 6364136223846793005 + part + 1442695040888963407) % 2**63
     return value
+
+
+class _StopRequest:
+    """The first Ctrl-C (SIGINT) sets a flag that the training loop reads between steps.
+
+    So a checkpoint is never written in the middle of an optimiser step; a second
+    Ctrl-C stops at once (the last end-of-epoch checkpoint stays). Only installed in
+    the main thread and only over Python's own handler (an ignored SIGINT stays ignored).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Stop(Exception):
+    """Raised inside the training loop, at a step boundary, after a Ctrl-C."""
 
 
 @dataclass
@@ -321,6 +357,63 @@ def train_run(
             },
         )
 
+    with _StopRequest() as stop:
+        _train_epochs(
+            state,
+            stop,
+            net=net,
+            model=model,
+            recipe=recipe,
+            seed=seed,
+            train=train,
+            test=test,
+            device=device,
+            amp=amp,
+            augment=augment,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            images=images,
+            labels=labels,
+            local_n=local_n,
+            steps_per_epoch=steps_per_epoch,
+            aug_state=aug_state,
+            snapshot=snapshot,
+            progress=progress,
+            log=log,
+            on_epoch=on_epoch,
+            rank=rank,
+            world_size=world_size,
+        )
+    return model, state
+
+
+def _train_epochs(
+    state: RunState,
+    stop: _StopRequest,
+    *,
+    net: nn.Module,
+    model: nn.Module,
+    recipe: Recipe,
+    seed: int,
+    train: Split,
+    test: Split,
+    device: torch.device,
+    amp: torch.dtype | None,
+    augment: Augment,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    local_n: int,
+    steps_per_epoch: int,
+    aug_state: torch.Tensor | None,
+    snapshot: Callable[[torch.Generator | None], None],
+    progress: Callable[..., Any] | None,
+    log: Callable[[str], None],
+    on_epoch: Callable[[RunState], None] | None,
+    rank: int,
+    world_size: int,
+) -> None:
     while state.epoch < recipe.epochs:
         epoch = state.epoch
         order = torch.randperm(
@@ -345,6 +438,8 @@ def train_run(
         tick = time.perf_counter()
         try:
             for index in batches:
+                if stop.requested:
+                    raise _Stop
                 x = augment(images[index], aug_gen, train=True)
                 y = labels[index]
                 if recipe.channels_last:
@@ -362,11 +457,16 @@ def train_run(
                 state.step += 1
                 if hasattr(batches, "set_postfix") and state.step % 20 == 0:
                     batches.set_postfix(loss=f"{value:.3f}")
-        except KeyboardInterrupt:
+        except _Stop:
             sums["time"] += time.perf_counter() - tick
             state.epoch_sums = sums
             snapshot(aug_gen)
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {state.step}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"stopped at once in epoch {epoch + 1} (second Ctrl-C); the checkpoint of "
+                f"epoch {epoch} is kept"
+            ) from None
         finally:
             if hasattr(batches, "close"):
                 batches.close()
@@ -406,7 +506,8 @@ def train_run(
             )
         if on_epoch is not None:
             on_epoch(state)
-    return model, state
+        if stop.requested and not state.complete:
+            raise Interrupted(f"interrupted after epoch {epoch + 1}")
 
 
 @torch.no_grad()
