@@ -1,0 +1,248 @@
+"""Micro-benchmark: one SE block, forward and forward+backward, against timm, torchvision
+and the tutorial's SE, with a plain tensor copy as the memory-bandwidth reference.
+
+Every implementation runs in the same process on the same tensors, in interleaved rounds
+(the order rotates every round, so slow phases of a shared machine hit all of them alike);
+the tables report the median time per call over the rounds, the ratio to the fastest
+competitor (tutorial, timm, torchvision) and the achieved bandwidth as a fraction of a
+plain copy's.
+
+Achieved bandwidth counts the bytes an ideal implementation must move: 3 passes over x
+forward (read for the mean; read, write for x * s) and 7 for forward+backward (3 + read
+grad and x for dL/ds, read grad and write dL/dx). ``% copy`` is that figure divided by the
+bandwidth of ``dst.copy_(x)`` measured in the same rounds; 100 % means "as fast as the
+memory allows", and an implementation that moves more bytes than needed scores lower.
+
+Run ``python benchmarks/bench_se.py --help`` for the options; the README has the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import attnblocks
+
+PASSES = {"forward": 3, "forward+backward": 7}
+COMPETITORS = ("tutorial", "timm", "torchvision")
+
+
+class TutorialSE(nn.Module):
+    """The SE block of the usual PyTorch tutorial: Linear layers without bias, r = 16."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.shape
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y
+
+
+def build_implementations(channels: int, reduction: int) -> dict[str, nn.Module]:
+    """The SE implementations to compare, by name; missing optional packages are skipped."""
+    impls: dict[str, nn.Module] = {"tutorial": TutorialSE(channels, reduction)}
+    try:
+        from timm.layers import SEModule
+
+        impls["timm"] = SEModule(channels, rd_ratio=1 / reduction, rd_divisor=1)
+    except ImportError:
+        print("# timm is not installed: skipping timm.layers.SEModule")
+    try:
+        from torchvision.ops import SqueezeExcitation
+
+        impls["torchvision"] = SqueezeExcitation(channels, channels // reduction)
+    except ImportError:
+        print("# torchvision is not installed: skipping torchvision.ops.SqueezeExcitation")
+    impls["attnblocks"] = attnblocks.SEBlock(channels, reduction=reduction)
+    plain = attnblocks.SEBlock(channels, reduction=reduction)
+    plain.fast_path = False
+    impls["attnblocks (plain)"] = plain
+    return impls
+
+
+@dataclass
+class Case:
+    shape: tuple[int, ...]
+    memory_format: str
+    mode: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(
+    module: nn.Module | None, x: torch.Tensor, grad: torch.Tensor, mode: str, copy_dst: torch.Tensor
+) -> Callable[[], object]:
+    if module is None:  # the bandwidth reference
+        return lambda: copy_dst.copy_(x)
+    if mode == "forward":
+
+        def forward() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return forward
+    x_grad = x.detach().requires_grad_(True)
+    inputs = [x_grad, *module.parameters()]
+
+    def forward_backward() -> object:
+        return torch.autograd.grad(module(x_grad), inputs, grad)
+
+    return forward_backward
+
+
+def _time(step: Callable[[], object], inner: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Time every implementation on one case; return one row per implementation."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    fmt = torch.channels_last if case.memory_format == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(case.shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    grad = torch.randn_like(x)
+    copy_dst = torch.empty_like(x)
+    channels = case.shape[1]
+    modules: dict[str, nn.Module | None] = dict(build_implementations(channels, args.reduction))
+    for name, module in list(modules.items()):
+        if module is not None:
+            modules[name] = module.to(device=device, dtype=dtype, memory_format=fmt)
+    modules["copy"] = None
+    steps = {n: _make_step(m, x, grad, case.mode, copy_dst) for n, m in modules.items()}
+
+    # Warm up, and pick a per-sample repeat count so one sample lasts ~args.sample_ms.
+    inner: dict[str, int] = {}
+    for name, step in steps.items():
+        for _ in range(3):
+            step()
+        once = min(_time(step, 1, device) for _ in range(5))
+        inner[name] = max(1, round(args.sample_ms / 1e3 / max(once, 1e-7)))
+
+    names = list(steps)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            samples[name].append(_time(steps[name], inner[name], device))
+
+    median = {n: statistics.median(v) for n, v in samples.items()}
+    fastest_competitor = min(median[n] for n in COMPETITORS if n in median)
+    nbytes = x.numel() * x.element_size()
+    copy_bw = 2 * nbytes / median["copy"]
+    rows = []
+    for name in names:
+        t = median[name]
+        q = statistics.quantiles(samples[name], n=4) if len(samples[name]) > 1 else [t, t, t]
+        ideal = 2 if name == "copy" else PASSES[case.mode]
+        rows.append(
+            {
+                "impl": name,
+                "median_ms": t * 1e3,
+                "iqr_ms": (q[2] - q[0]) * 1e3,
+                "vs_fastest": t / fastest_competitor,
+                "speedup": fastest_competitor / t,
+                "pct_copy": 100 * (ideal * nbytes / t) / copy_bw,
+            }
+        )
+    return rows
+
+
+def print_table(case: Case, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    shape = "x".join(str(s) for s in case.shape)
+    print(f"\n#### {shape}, {case.memory_format}, {case.mode} ({args.dtype}, {args.device})\n")
+    print("| implementation | median ms | IQR ms | speed-up vs fastest competitor | % of copy bandwidth |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['impl']} | {row['median_ms']:.3f} | {row['iqr_ms']:.3f} | "
+            f"{row['speedup']:.2f}x | {row['pct_copy']:.0f} % |"
+        )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 64,32,32,32, got {text!r}") from None
+    if len(shape) != 4:
+        raise argparse.ArgumentTypeError(f"shape must be N,C,H,W (4 numbers), got {text!r}")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[(64, 32, 32, 32), (64, 64, 16, 16), (64, 128, 8, 8)],
+        help="input shapes N,C,H,W (default: the tutorial's three SE inputs)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+    )
+    parser.add_argument(
+        "--memory-format",
+        default="both",
+        choices=["both", "contiguous", "channels_last"],
+        help="input memory format (default: both)",
+    )
+    parser.add_argument(
+        "--mode",
+        default="both",
+        choices=["both", "forward", "forward+backward"],
+        help="what to time (default: both)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    parser.add_argument(
+        "--sample-ms", type=float, default=5.0, help="target length of one timed sample (ms)"
+    )
+    parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
+    print(
+        f"# torch {torch.__version__}, attnblocks {attnblocks.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, device {args.device}, dtype {args.dtype}, "
+        f"{args.rounds} rounds, load average {os.getloadavg()[0]:.2f}"
+    )
+    for shape in args.shapes:
+        for fmt in formats:
+            for mode in modes:
+                case = Case(shape, fmt, mode)
+                print_table(case, run_case(case, args), args)
+    print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
