@@ -3,9 +3,9 @@ and the tutorial's SE, with a plain tensor copy as the memory-bandwidth referenc
 
 Every implementation runs in the same process on the same tensors, in interleaved rounds
 (the order rotates every round, so slow phases of a shared machine hit all of them alike);
-the tables report the median time per call over the rounds, the ratio to the fastest
-competitor (tutorial, timm, torchvision) and the achieved bandwidth as a fraction of a
-plain copy's.
+the tables report the median time per call over the rounds, the speed-up over the fastest
+competitor (tutorial, timm, torchvision; by median time) taken as the median of the
+per-round ratios, and the achieved bandwidth as a fraction of a plain copy's.
 
 Achieved bandwidth counts the bytes an ideal implementation must move: 3 passes over x
 forward (read for the mean; read, write for x * s) and 7 for forward+backward (3 + read
@@ -150,23 +150,28 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
         for name in order:
             samples[name].append(_time(steps[name], inner[name], device))
 
+    # Ratios are taken within each round (paired), then the median over rounds: a slow
+    # phase of the machine then slows both sides of a ratio instead of one of them.
     median = {n: statistics.median(v) for n, v in samples.items()}
-    fastest_competitor = min(median[n] for n in COMPETITORS if n in median)
+    fastest = min((n for n in COMPETITORS if n in median), key=median.__getitem__)
     nbytes = x.numel() * x.element_size()
-    copy_bw = 2 * nbytes / median["copy"]
     rows = []
     for name in names:
-        t = median[name]
-        q = statistics.quantiles(samples[name], n=4) if len(samples[name]) > 1 else [t, t, t]
+        t = samples[name]
         ideal = 2 if name == "copy" else PASSES[case.mode]
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        speedup = [f / s for f, s in zip(samples[fastest], t, strict=True)]
+        # achieved bandwidth (ideal bytes / time) over the copy's (2 passes / its time)
+        pct_copy = [100 * ideal * c / (2 * s) for c, s in zip(samples["copy"], t, strict=True)]
         rows.append(
             {
                 "impl": name,
-                "median_ms": t * 1e3,
+                "median_ms": median[name] * 1e3,
                 "iqr_ms": (q[2] - q[0]) * 1e3,
-                "vs_fastest": t / fastest_competitor,
-                "speedup": fastest_competitor / t,
-                "pct_copy": 100 * (ideal * nbytes / t) / copy_bw,
+                "speedup": statistics.median(speedup),
+                "pct_copy": statistics.median(pct_copy),
+                "gbps": ideal * nbytes / median[name] / 1e9,
+                "fastest": fastest,
             }
         )
     return rows
@@ -174,13 +179,17 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
 
 def print_table(case: Case, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
     shape = "x".join(str(s) for s in case.shape)
+    fastest = rows[0]["fastest"]
     print(f"\n#### {shape}, {case.memory_format}, {case.mode} ({args.dtype}, {args.device})\n")
-    print("| implementation | median ms | IQR ms | speed-up vs fastest competitor | % of copy bandwidth |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| implementation | median ms | IQR ms | speed-up vs {fastest} | GB/s (ideal bytes) "
+        "| % of copy bandwidth |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['impl']} | {row['median_ms']:.3f} | {row['iqr_ms']:.3f} | "
-            f"{row['speedup']:.2f}x | {row['pct_copy']:.0f} % |"
+            f"{row['speedup']:.2f}x | {row['gbps']:.1f} | {row['pct_copy']:.0f} % |"
         )
 
 
@@ -188,7 +197,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 64,32,32,32, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"shape must look like 64,32,32,32, got {text!r}"
+        ) from None
     if len(shape) != 4:
         raise argparse.ArgumentTypeError(f"shape must be N,C,H,W (4 numbers), got {text!r}")
     return shape
@@ -220,15 +231,17 @@ def main(argv: list[str] | None = None) -> None:
         help="what to time (default: both)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
     parser.add_argument(
-        "--sample-ms", type=float, default=5.0, help="target length of one timed sample (ms)"
+        "--sample-ms", type=float, default=3.0, help="target length of one timed sample (ms)"
     )
     parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    formats = (
+        ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    )
     modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
     print(
         f"# torch {torch.__version__}, attnblocks {attnblocks.__version__}, "

@@ -179,6 +179,43 @@ def test_fused_matches_the_plain_path_of_the_same_block(fmt: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("shape", "fmt", "dtype"),
+    [
+        ((2, 8, 8, 8), "contiguous", torch.float32),  # >= 64 positions: batch-norm dot
+        ((2, 8, 16, 16), "contiguous", torch.float64),
+        ((2, 8, 4, 4, 4), "contiguous", torch.float32),
+        ((2, 8, 4, 4), "contiguous", torch.float32),  # < 64 positions: multiply and sum
+        ((2, 8, 8, 8), "channels_last", torch.float32),  # channels innermost: addcmul
+        ((2, 8, 4, 4, 4), "channels_last", torch.float64),
+        ((2, 8, 100), "channels_last", torch.float32),
+    ],
+)
+def test_every_backward_kernel_matches_reference(
+    shape: tuple[int, ...], fmt: str, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(17)
+    block = SEBlock(8, reduction=2, activation="silu").to(dtype)
+    x = to_format(torch.randn(shape, dtype=dtype), fmt)
+    params = list(block.parameters())
+    for grad_out in (to_format(torch.randn_like(x), fmt), torch.randn(shape, dtype=dtype)):
+        out, grads = gradients(block, x, params, grad_out)
+        ref, ref_grads = gradients(lambda t: reference_se(t, block, "silu"), x, params, grad_out)
+        assert took_fused_path(out)
+        assert_close_f32(out, ref)
+        for got, expected in zip(grads, ref_grads, strict=True):
+            assert_close_f32(got, expected)
+
+
+def test_empty_batch_is_handled_like_the_plain_path() -> None:
+    block, plain = _fused_and_plain(8)
+    for module in (block, plain):
+        x = torch.randn(0, 8, 8, 8, requires_grad=True)
+        out = module(x)
+        out.sum().backward()
+        assert out.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
     ("act", "gate", "bias", "scale"),
     [
         ("relu", "sigmoid", True, 1.0),

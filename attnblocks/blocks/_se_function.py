@@ -309,6 +309,11 @@ def _backward_by_autograd(
     return (*(next(grads) if want else None for want in wanted), None, None)
 
 
+# Below this many spatial positions, the batch-norm kernel's per-channel overhead
+# outweighs the saved pass (measured on CPU, float32: slower at 4x4, faster at 8x8).
+_MIN_DOT_SPATIAL = 64
+
+
 def _spatial_dot(
     grad_out: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -316,16 +321,17 @@ def _spatial_dot(
 
     Also returns the full-size buffer it used, if any, for the caller to reuse.
     """
+    n, c = x.shape[:2]
     if (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
+        and x.numel() >= _MIN_DOT_SPATIAL * n * c > 0
         and x.is_contiguous()
         and grad_out.is_contiguous()
     ):
         # One read of each operand, no (N, C, *spatial) product: viewed as (1, N*C, HW),
         # the batch-norm backward's per-channel sum(grad * (input - mean) * invstd) with
         # mean 0 and invstd 1 is exactly the per-(sample, channel) dot product we need.
-        n, c = x.shape[:2]
         rows = n * c
         zeros, ones = x.new_zeros(rows), x.new_ones(rows)
         dot = _aten.native_batch_norm_backward.default(
