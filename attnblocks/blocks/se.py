@@ -81,6 +81,12 @@ class SEBlock(AttentionBlock):
       and :math:`\sigma` the gate (``gate``, sigmoid in the paper);
     * **scale** (eq. 4): :math:`\tilde{x}_c = s_c \cdot x_c`.
 
+    In training the block is one autograd node with a hand-written backward that
+    reads and writes the feature map fewer times than PyTorch's default graph (no
+    separate pooling gradient to add, no ``grad * x`` product in the contiguous
+    layout, two full-size allocations per step instead of about five), and matches
+    the plain modules to floating-point rounding; see :attr:`fast_path`.
+
     Args:
         channels: :math:`C`, the number of input (and output) channels.
         reduction: :math:`r`, the reduction ratio; the hidden width is
@@ -131,15 +137,16 @@ class SEBlock(AttentionBlock):
 
     supports_identity_init = True
 
-    #: Whether ``forward`` may use the fused implementation (:class:`SEFunction`),
-    #: which computes the same result with fewer passes over the feature map. It is
-    #: used only when it can give exactly what the modules would: during training
-    #: (gradients enabled), with an activation and gate whose derivatives it knows
-    #: (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Hardswish, Mish, Tanh, Identity; sigmoid,
-    #: hard sigmoid), plain ``nn.Linear`` layers and no hooks on the submodules, and
-    #: not while ``torch.jit`` traces, ``torch.export`` exports, a ``torch.func``
-    #: transform or forward-mode AD is active. Set it to ``False`` on an instance to
-    #: always use plain autograd.
+    #: Whether ``forward`` may use the fused implementation
+    #: (``attnblocks.blocks._se_function``): the same computation in plain tensor ops
+    #: without the submodule calls, and in training a custom autograd function whose
+    #: hand-written backward makes fewer passes over the feature map. It is used only
+    #: when it computes exactly what the submodules would: an activation and gate whose
+    #: derivatives it knows (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Hardswish, Mish, Tanh,
+    #: Identity; sigmoid, hard sigmoid), plain ``nn.Linear`` layers, no hooks on the
+    #: submodules, and not while ``torch.jit`` traces, ``torch.export`` exports, or a
+    #: ``torch.func`` transform or forward-mode AD is active. Set it to ``False`` on an
+    #: instance to always call the submodules.
     fast_path: bool = True
 
     def __init__(
