@@ -84,7 +84,7 @@ class SEBlock(AttentionBlock):
     In training the block is one autograd node with a hand-written backward that
     reads and writes the feature map fewer times than PyTorch's default graph (no
     separate pooling gradient to add, no ``grad * x`` product in the contiguous
-    layout, two full-size allocations per step instead of about five), and matches
+    layout, two full-size allocations per step instead of five), and matches
     the plain modules to floating-point rounding; see :attr:`fast_path`.
 
     Args:
