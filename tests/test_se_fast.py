@@ -536,3 +536,22 @@ def test_torch_func_transforms_fall_back_to_plain_autograd() -> None:
     _, jvp = torch.func.jvp(block, (x,), (tangent,))
     _, jvp_plain = torch.func.jvp(plain, (x,), (tangent,))
     assert_close_f32(jvp, jvp_plain)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing(use_reentrant: bool) -> None:
+    torch.manual_seed(18)
+    block, plain = _fused_and_plain()
+    x = torch.randn(2, 16, 8, 8)
+    assert took_fused_path(block(x.clone().requires_grad_(True)))
+    xc, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = torch.utils.checkpoint.checkpoint(block, xc, use_reentrant=use_reentrant)
+    ref = plain(xp)
+    out.square().sum().backward()  # reentrant checkpointing does not support autograd.grad
+    ref.square().sum().backward()
+    assert_close_f32(out, ref)
+    assert xc.grad is not None and xp.grad is not None
+    assert_close_f32(xc.grad, xp.grad)
+    for p, q in zip(block.parameters(), plain.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert_close_f32(p.grad, q.grad)
