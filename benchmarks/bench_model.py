@@ -21,36 +21,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _common import TutorialSE, describe_machine, keep_freed_memory
 from torch import nn
 
 import attnblocks
 
 VARIANTS = ("baseline", "attnblocks", "attnblocks (plain)", "tutorial")
-
-
-class TutorialSE(nn.Module):
-    """The tutorial's SE block: AdaptiveAvgPool2d, Linear without bias, r = 16."""
-
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(channels // reduction, channels, bias=False),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, _, _ = x.shape
-        y = self.avg_pool(x).view(b, c)
-        return x * self.fc(y).view(b, c, 1, 1)
 
 
 def make_se(variant: str, channels: int) -> nn.Module:
@@ -168,9 +150,10 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
             step()
         samples: dict[str, list[float]] = {v: [] for v in steps}
         names = list(steps)
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for v in order:
+        shuffler = random.Random(0)
+        for _ in range(args.rounds):
+            for v in shuffler.sample(names, len(names)):  # a new random order every round
+                steps[v]()  # untimed: the allocator settles on this model's pattern
                 samples[v].append(_timed(steps[v], args.steps))
         base = samples["baseline"]
         title = f"{name}, {mode}, batch {args.batch}, input {'x'.join(map(str, in_shape))}"
@@ -231,17 +214,19 @@ def main(argv: list[str] | None = None) -> None:
         "--no-insert-se", dest="insert_se", action="store_false", help="skip the insert_se timing"
     )
     parser.add_argument("--insert-se-repeats", type=int, default=3)
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
+    )
     args = parser.parse_args(argv)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
 
     torch.set_num_threads(args.threads)
-    print(
-        f"# torch {torch.__version__}, attnblocks {attnblocks.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.steps} steps, "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
+    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+    print(describe_machine(f"{args.rounds} rounds of {args.steps} steps, {malloc}"))
     for name in args.models:
         bench_model(name, args)
     if args.insert_se:

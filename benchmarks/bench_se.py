@@ -2,7 +2,8 @@
 and the tutorial's SE, with a plain tensor copy as the memory-bandwidth reference.
 
 Every implementation runs in the same process on the same tensors, in interleaved rounds
-(the order rotates every round, so slow phases of a shared machine hit all of them alike);
+(in a new random order every round, so slow phases of a shared machine hit all of them
+alike);
 the tables report the median time per call over the rounds, the speed-up over the fastest
 competitor (tutorial, timm, torchvision; by median time) taken as the median of the
 per-round ratios, and the achieved bandwidth as a fraction of a plain copy's.
@@ -20,39 +21,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _common import TutorialSE, describe_machine, keep_freed_memory
 from torch import nn
 
 import attnblocks
 
 PASSES = {"forward": 3, "forward+backward": 7}
 COMPETITORS = ("tutorial", "timm", "torchvision")
-
-
-class TutorialSE(nn.Module):
-    """The SE block of the usual PyTorch tutorial: Linear layers without bias, r = 16."""
-
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(channels // reduction, channels, bias=False),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, _, _ = x.shape
-        y = self.avg_pool(x).view(b, c)
-        y = self.fc(y).view(b, c, 1, 1)
-        return x * y
 
 
 def build_implementations(channels: int, reduction: int) -> dict[str, nn.Module]:
@@ -135,19 +117,28 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     modules["copy"] = None
     steps = {n: _make_step(m, x, grad, case.mode, copy_dst) for n, m in modules.items()}
 
-    # Warm up, and pick a per-sample repeat count so one sample lasts ~args.sample_ms.
-    inner: dict[str, int] = {}
+    # Warm up, and pick a per-sample repeat count so one sample lasts ~args.sample_ms. All
+    # SE implementations get the same count (the copy its own), so that whatever the
+    # first call after a switch costs (cold caches, allocator) weighs the same on each.
+    once: dict[str, float] = {}
     for name, step in steps.items():
         for _ in range(3):
             step()
-        once = min(_time(step, 1, device) for _ in range(5))
-        inner[name] = max(1, round(args.sample_ms / 1e3 / max(once, 1e-7)))
+        once[name] = statistics.median(_time(step, 1, device) for _ in range(5))
+    se_once = statistics.median(t for n, t in once.items() if n != "copy")
+    inner = {n: max(1, round(args.sample_ms / 1e3 / max(se_once, 1e-7))) for n in steps}
+    inner["copy"] = max(1, round(args.sample_ms / 1e3 / max(once["copy"], 1e-7)))
 
     names = list(steps)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    shuffler = random.Random(0)
+    for _ in range(args.rounds):
+        # A fresh random order every round, and one untimed call before each sample, so
+        # that no implementation always follows the same neighbour (whose allocations
+        # leave the allocator, and its page faults, in a state that favours some).
+        order = shuffler.sample(names, len(names))
         for name in order:
+            steps[name]()
             samples[name].append(_time(steps[name], inner[name], device))
 
     # Ratios are taken within each round (paired), then the median over rounds: a slow
@@ -236,18 +227,23 @@ def main(argv: list[str] | None = None) -> None:
         "--sample-ms", type=float, default=3.0, help="target length of one timed sample (ms)"
     )
     parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    formats = (
-        ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
-    )
+    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+    both = ["contiguous", "channels_last"]
+    formats = both if args.memory_format == "both" else [args.memory_format]
     modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
     print(
-        f"# torch {torch.__version__}, attnblocks {attnblocks.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads, device {args.device}, dtype {args.dtype}, "
-        f"{args.rounds} rounds, load average {os.getloadavg()[0]:.2f}"
+        describe_machine(
+            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {malloc}"
+        )
     )
     for shape in args.shapes:
         for fmt in formats:

@@ -14,11 +14,16 @@ division) and then adds the two gradients of :math:`x` in one more pass.
 * forward: read :math:`x` once for the mean, read it and write the output once
   for :math:`x \\cdot s` (the minimum, 3 passes);
 * backward: :math:`\\partial L / \\partial s = \\sum_{\\text{spatial}} g \\cdot x`
-  (accumulated in float32 for half types, so it cannot overflow in float16),
-  back through the MLP on ``(N, C)`` tensors, then
+  accumulated in float32 for half types (a float16 sum of 4096 values of 3000
+  would overflow), without materialising the product on CPU in contiguous layout
+  (a batch-norm backward kernel computes exactly these per-row dot products); back
+  through the MLP on ``(N, C)`` tensors; then
   :math:`\\partial L / \\partial x = g \\cdot s + \\text{broadcast}(\\partial L /
-  \\partial z) / HW` in a single fused pass when the channels are the innermost
-  dimension (channels_last) and in a multiply plus an in-place add otherwise.
+  \\partial z) / HW`, in one fused pass when the channels are the innermost
+  dimension (channels_last) and as a multiply plus an in-place add otherwise,
+  written into the product's buffer when there is one. Two full-size tensors are
+  allocated per step (the output and the gradient of :math:`x`), against five for
+  the default graph; on CPU each fresh allocation also costs page faults.
 
 Only activations and gates whose derivatives are written here take this path
 (:func:`fused_spec` returns ``None`` for anything else, and the block falls back
@@ -212,11 +217,13 @@ def se_forward(
     """
     spatial = tuple(range(2, x.dim()))
     compute = mlp_dtype(w1.dtype, x.device.type)
-    # Squeeze, accumulated in float32 for half types (as on the plain path).
+    # Squeeze, accumulated in float32 for half types, then cast as on the plain path:
+    # to the weights' dtype, and by autocast (if on) to its dtype.
     if x.dtype in (torch.float16, torch.bfloat16):
-        z = _cast(x.mean(dim=spatial, dtype=torch.float32), compute)
+        z = x.mean(dim=spatial, dtype=torch.float32)
     else:
-        z = _cast(x.mean(dim=spatial), compute)
+        z = x.mean(dim=spatial)
+    z = _cast(_cast(z, w1.dtype), compute)
     w1c, w2c = _cast(w1, compute), _cast(w2, compute)
     h = F.linear(z, w1c, _cast_optional(b1, compute))
     a = _ACT_FORWARD[spec.act](h, spec.act_arg)
@@ -289,7 +296,8 @@ class SEFunction(torch.autograd.Function):
             if need_b1:
                 grad_b1 = _cast(grad_h.sum(0), b1_dtype)
             if need_x:
-                grad_x = _grad_input(grad_out, x, gate_x, grad_h.mm(w1), buffer)
+                grad_z = _cast(grad_h.mm(w1), w1_dtype)  # back through the casts of z
+                grad_x = _grad_input(grad_out, x, gate_x, grad_z, buffer)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
