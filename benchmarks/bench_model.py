@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--models",
-        nargs="+",
+        nargs="*",
         default=["tutorial_cnn", "resnet18", "resnet50"],
         choices=["tutorial_cnn", "resnet18", "resnet34", "resnet50", "resnet101"],
+        help="models to time (default: tutorial_cnn resnet18 resnet50; none: only insert_se)",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")

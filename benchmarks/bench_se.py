@@ -110,7 +110,10 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     grad = torch.randn_like(x)
     copy_dst = torch.empty_like(x)
     channels = case.shape[1]
-    modules: dict[str, nn.Module | None] = dict(build_implementations(channels, args.reduction))
+    built = build_implementations(channels, args.reduction)
+    modules: dict[str, nn.Module | None] = {
+        n: m for n, m in built.items() if args.impls is None or n in args.impls
+    }
     for name, module in list(modules.items()):
         if module is not None:
             modules[name] = module.to(device=device, dtype=dtype, memory_format=fmt)
@@ -144,7 +147,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     # Ratios are taken within each round (paired), then the median over rounds: a slow
     # phase of the machine then slows both sides of a ratio instead of one of them.
     median = {n: statistics.median(v) for n, v in samples.items()}
-    fastest = min((n for n in COMPETITORS if n in median), key=median.__getitem__)
+    competitors = [n for n in COMPETITORS if n in median] or [names[0]]
+    fastest = min(competitors, key=median.__getitem__)
     nbytes = x.numel() * x.element_size()
     rows = []
     for name in names:
@@ -227,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         "--sample-ms", type=float, default=3.0, help="target length of one timed sample (ms)"
     )
     parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        choices=[*COMPETITORS, "attnblocks", "attnblocks (plain)"],
+        help="implementations to time (default: all); the copy reference always runs",
+    )
     parser.add_argument(
         "--malloc",
         default="default",
