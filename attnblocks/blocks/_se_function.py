@@ -15,7 +15,8 @@ division) and then adds the two gradients of :math:`x` in one more pass.
   for :math:`x \\cdot s` (the minimum, 3 passes);
 * backward: :math:`\\partial L / \\partial s = \\sum_{\\text{spatial}} g \\cdot x`
   accumulated in float32 for half types (a float16 sum of 4096 values of 3000
-  would overflow), without materialising the product on CPU in contiguous layout
+  would overflow), and the MLP's backward in float32 too when it ran in a half type;
+  without materialising the product on CPU in contiguous layout
   (a batch-norm backward kernel computes exactly these per-row dot products); back
   through the MLP on ``(N, C)`` tensors; then
   :math:`\\partial L / \\partial x = g \\cdot s + \\text{broadcast}(\\partial L /
@@ -280,8 +281,13 @@ class SEFunction(torch.autograd.Function):
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
 
+        # The MLP backward runs on (N, C)-sized tensors, in float32 when the MLP itself
+        # ran in a half type: dL/ds of a large feature map overflows float16 otherwise.
+        acc = _accumulate_dtype(z.dtype)
+        if acc != z.dtype:
+            z, h, a, p, s, w1, w2 = (t.to(acc) for t in (z, h, a, p, s, w1, w2))
         dot, buffer = _spatial_dot(grad_out, x)
-        grad_s = _cast(dot, z.dtype)  # dL/d(gate), (N, C)
+        grad_s = _cast(dot, acc)  # dL/d(gate), (N, C)
         if ctx.gate_scale != 1.0:
             grad_s = grad_s * ctx.gate_scale
         grad_p = _GATE_BACKWARD[spec.gate](grad_s, p, s)
@@ -296,8 +302,7 @@ class SEFunction(torch.autograd.Function):
             if need_b1:
                 grad_b1 = _cast(grad_h.sum(0), b1_dtype)
             if need_x:
-                grad_z = _cast(grad_h.mm(w1), w1_dtype)  # back through the casts of z
-                grad_x = _grad_input(grad_out, x, gate_x, grad_z, buffer)
+                grad_x = _grad_input(grad_out, x, gate_x, grad_h.mm(w1), buffer)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
