@@ -389,6 +389,15 @@ def test_fallbacks_take_the_plain_path_and_stay_correct() -> None:
     assert_close_f32(out, 0.5 * reference_se(x, custom))
 
 
+def test_meta_tensors_give_shapes() -> None:
+    block = SEBlock(16, reduction=4).to("meta")
+    x = torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)
+    out = block(x)
+    assert took_fused_path(out) and out.shape == x.shape and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_inference_path_matches_reference() -> None:
     torch.manual_seed(9)
     block = SEBlock(16, reduction=4)

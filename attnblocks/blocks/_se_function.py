@@ -159,6 +159,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         if not torch.is_autocast_enabled(device_type):
             return None
         return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device without autocast, such as "meta"
+        return None
     except TypeError:  # torch < 2.4: the device-less, per-backend functions
         if device_type == "cpu":
             return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
