@@ -1,0 +1,268 @@
+"""Micro-benchmark: one SE block, forward and forward+backward, against timm, torchvision
+and the tutorial's SE, with a plain tensor copy as the memory-bandwidth reference.
+
+Every implementation runs in the same process on the same tensors, in interleaved rounds
+(in a new random order every round, so slow phases of a shared machine hit all of them
+alike);
+the tables report the median time per call over the rounds, the speed-up over the fastest
+competitor (tutorial, timm, torchvision; by median time) taken as the median of the
+per-round ratios, and the achieved bandwidth as a fraction of a plain copy's.
+
+Achieved bandwidth counts the bytes an ideal implementation must move: 3 passes over x
+forward (read for the mean; read, write for x * s) and 7 for forward+backward (3 + read
+grad and x for dL/ds, read grad and write dL/dx). ``% copy`` is that figure divided by the
+bandwidth of ``dst.copy_(x)`` measured in the same rounds; 100 % means "as fast as the
+memory allows", and an implementation that moves more bytes than needed scores lower.
+
+Run ``python benchmarks/bench_se.py --help`` for the options; the README has the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from _common import TutorialSE, describe_machine, keep_freed_memory
+from torch import nn
+
+import attnblocks
+
+PASSES = {"forward": 3, "forward+backward": 7}
+COMPETITORS = ("tutorial", "timm", "torchvision")
+
+
+def build_implementations(channels: int, reduction: int) -> dict[str, nn.Module]:
+    """The SE implementations to compare, by name; missing optional packages are skipped."""
+    impls: dict[str, nn.Module] = {"tutorial": TutorialSE(channels, reduction)}
+    try:
+        from timm.layers import SEModule
+
+        impls["timm"] = SEModule(channels, rd_ratio=1 / reduction, rd_divisor=1)
+    except ImportError:
+        print("# timm is not installed: skipping timm.layers.SEModule")
+    try:
+        from torchvision.ops import SqueezeExcitation
+
+        impls["torchvision"] = SqueezeExcitation(channels, channels // reduction)
+    except ImportError:
+        print("# torchvision is not installed: skipping torchvision.ops.SqueezeExcitation")
+    impls["attnblocks"] = attnblocks.SEBlock(channels, reduction=reduction)
+    plain = attnblocks.SEBlock(channels, reduction=reduction)
+    plain.fast_path = False
+    impls["attnblocks (plain)"] = plain
+    return impls
+
+
+@dataclass
+class Case:
+    shape: tuple[int, ...]
+    memory_format: str
+    mode: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(
+    module: nn.Module | None, x: torch.Tensor, grad: torch.Tensor, mode: str, copy_dst: torch.Tensor
+) -> Callable[[], object]:
+    if module is None:  # the bandwidth reference
+        return lambda: copy_dst.copy_(x)
+    if mode == "forward":
+
+        def forward() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return forward
+    x_grad = x.detach().requires_grad_(True)
+    inputs = [x_grad, *module.parameters()]
+
+    def forward_backward() -> object:
+        return torch.autograd.grad(module(x_grad), inputs, grad)
+
+    return forward_backward
+
+
+def _time(step: Callable[[], object], inner: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Time every implementation on one case; return one row per implementation."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    fmt = torch.channels_last if case.memory_format == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(case.shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    grad = torch.randn_like(x)
+    copy_dst = torch.empty_like(x)
+    channels = case.shape[1]
+    built = build_implementations(channels, args.reduction)
+    modules: dict[str, nn.Module | None] = {
+        n: m for n, m in built.items() if args.impls is None or n in args.impls
+    }
+    for name, module in list(modules.items()):
+        if module is not None:
+            modules[name] = module.to(device=device, dtype=dtype, memory_format=fmt)
+    modules["copy"] = None
+    steps = {n: _make_step(m, x, grad, case.mode, copy_dst) for n, m in modules.items()}
+
+    # Warm up, and pick a per-sample repeat count so one sample lasts ~args.sample_ms. All
+    # SE implementations get the same count (the copy its own), so that whatever the
+    # first call after a switch costs (cold caches, allocator) weighs the same on each.
+    once: dict[str, float] = {}
+    for name, step in steps.items():
+        for _ in range(3):
+            step()
+        once[name] = statistics.median(_time(step, 1, device) for _ in range(5))
+    se_once = statistics.median(t for n, t in once.items() if n != "copy")
+    inner = {n: max(1, round(args.sample_ms / 1e3 / max(se_once, 1e-7))) for n in steps}
+    inner["copy"] = max(1, round(args.sample_ms / 1e3 / max(once["copy"], 1e-7)))
+
+    names = list(steps)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    shuffler = random.Random(0)
+    for _ in range(args.rounds):
+        # A fresh random order every round, and one untimed call before each sample, so
+        # that no implementation always follows the same neighbour (whose allocations
+        # leave the allocator, and its page faults, in a state that favours some).
+        order = shuffler.sample(names, len(names))
+        for name in order:
+            steps[name]()
+            samples[name].append(_time(steps[name], inner[name], device))
+
+    # Ratios are taken within each round (paired), then the median over rounds: a slow
+    # phase of the machine then slows both sides of a ratio instead of one of them.
+    median = {n: statistics.median(v) for n, v in samples.items()}
+    competitors = [n for n in COMPETITORS if n in median] or [names[0]]
+    fastest = min(competitors, key=median.__getitem__)
+    nbytes = x.numel() * x.element_size()
+    rows = []
+    for name in names:
+        t = samples[name]
+        ideal = 2 if name == "copy" else PASSES[case.mode]
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        speedup = [f / s for f, s in zip(samples[fastest], t, strict=True)]
+        # achieved bandwidth (ideal bytes / time) over the copy's (2 passes / its time)
+        pct_copy = [100 * ideal * c / (2 * s) for c, s in zip(samples["copy"], t, strict=True)]
+        rows.append(
+            {
+                "impl": name,
+                "median_ms": median[name] * 1e3,
+                "iqr_ms": (q[2] - q[0]) * 1e3,
+                "speedup": statistics.median(speedup),
+                "pct_copy": statistics.median(pct_copy),
+                "gbps": ideal * nbytes / median[name] / 1e9,
+                "fastest": fastest,
+            }
+        )
+    return rows
+
+
+def print_table(case: Case, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    shape = "x".join(str(s) for s in case.shape)
+    fastest = rows[0]["fastest"]
+    print(f"\n#### {shape}, {case.memory_format}, {case.mode} ({args.dtype}, {args.device})\n")
+    print(
+        f"| implementation | median ms | IQR ms | speed-up vs {fastest} | GB/s (ideal bytes) "
+        "| % of copy bandwidth |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['impl']} | {row['median_ms']:.3f} | {row['iqr_ms']:.3f} | "
+            f"{row['speedup']:.2f}x | {row['gbps']:.1f} | {row['pct_copy']:.0f} % |"
+        )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shape must look like 64,32,32,32, got {text!r}"
+        ) from None
+    if len(shape) != 4:
+        raise argparse.ArgumentTypeError(f"shape must be N,C,H,W (4 numbers), got {text!r}")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[(64, 32, 32, 32), (64, 64, 16, 16), (64, 128, 8, 8)],
+        help="input shapes N,C,H,W (default: the tutorial's three SE inputs)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+    )
+    parser.add_argument(
+        "--memory-format",
+        default="both",
+        choices=["both", "contiguous", "channels_last"],
+        help="input memory format (default: both)",
+    )
+    parser.add_argument(
+        "--mode",
+        default="both",
+        choices=["both", "forward", "forward+backward"],
+        help="what to time (default: both)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
+    parser.add_argument(
+        "--sample-ms", type=float, default=3.0, help="target length of one timed sample (ms)"
+    )
+    parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        choices=[*COMPETITORS, "attnblocks", "attnblocks (plain)"],
+        help="implementations to time (default: all); the copy reference always runs",
+    )
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+    both = ["contiguous", "channels_last"]
+    formats = both if args.memory_format == "both" else [args.memory_format]
+    modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
+    print(
+        describe_machine(
+            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {malloc}"
+        )
+    )
+    for shape in args.shapes:
+        for fmt in formats:
+            for mode in modes:
+                case = Case(shape, fmt, mode)
+                print_table(case, run_case(case, args), args)
+    print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end on tiny inputs (no timing is checked)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_bench_se_prints_a_table_per_case(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = str(torch.get_num_threads())
+    load("bench_se").main(
+        ["--shapes", "2,16,4,4", "--rounds", "2", "--sample-ms", "0.05", "--threads", threads]
+    )
+    out = capsys.readouterr().out
+    assert out.count("#### 2x16x4x4") == 4  # 2 formats x 2 modes
+    for name in ("| tutorial |", "| attnblocks |", "| attnblocks (plain) |", "| copy |"):
+        assert out.count(name) == 4
+
+
+def test_bench_model_prints_ratios_to_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = str(torch.get_num_threads())
+    args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
+    load("bench_model").main([*args, "--no-insert-se", "--threads", threads])
+    out = capsys.readouterr().out
+    assert out.count("#### tutorial_cnn") == 2  # train step and inference
+    assert out.count("| baseline |") == 2 and out.count("| attnblocks |") == 2
+
+
+def test_se_variants_of_the_tutorial_cnn_add_three_blocks() -> None:
+    bench_model = load("bench_model")
+    base = bench_model.tutorial_cnn()
+    with_se = bench_model.add_se_to_tutorial_cnn(base, "attnblocks")
+    blocks = [m for m in with_se.modules() if type(m).__name__ == "SEBlock"]
+    assert [b.channels for b in blocks] == [32, 64, 128]
+    assert with_se(torch.randn(2, 3, 32, 32)).shape == (2, 10)
