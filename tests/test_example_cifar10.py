@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import _cifar_example
 import pytest
@@ -99,7 +101,7 @@ class _StopAfter:
     def __init__(self, n: int) -> None:
         self.left = n
 
-    def __call__(self, iterable, **_: object):  # noqa: ANN001, ANN204
+    def __call__(self, iterable: Iterable[Any], **_: object) -> Iterator[Any]:
         for item in iterable:
             if self.left == 0:
                 signal.raise_signal(signal.SIGINT)
