@@ -114,6 +114,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     modules: dict[str, nn.Module | None] = {
         n: m for n, m in built.items() if args.impls is None or n in args.impls
     }
+    for block in args.blocks:  # the rest of the attention family, default options
+        modules[f"attnblocks {block}"] = attnblocks.create_block(block, channels)
     for name, module in list(modules.items()):
         if module is not None:
             modules[name] = module.to(device=device, dtype=dtype, memory_format=fmt)
@@ -239,12 +241,25 @@ def main(argv: list[str] | None = None) -> None:
         help="implementations to time (default: all); the copy reference always runs",
     )
     parser.add_argument(
+        "--blocks",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="also time these attention blocks of attnblocks with default options, e.g. "
+        "--blocks eca cbam, or --blocks all for every registered block (default: none)",
+    )
+    parser.add_argument(
         "--malloc",
         default="default",
         choices=["default", "keep"],
         help="'keep': make glibc keep freed memory, taking page faults out of the timings",
     )
     args = parser.parse_args(argv)
+    if args.blocks == ["all"]:
+        args.blocks = [b for b in attnblocks.available_blocks() if b != "se"]
+    unknown = sorted(set(args.blocks) - set(attnblocks.available_blocks()))
+    if unknown:
+        parser.error(f"--blocks: unknown {unknown}; registered: {attnblocks.available_blocks()}")
 
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"

@@ -32,6 +32,18 @@ def test_bench_se_prints_a_table_per_case(capsys: pytest.CaptureFixture[str]) ->
         assert out.count(name) == 4
 
 
+def test_bench_se_times_every_registered_block(capsys: pytest.CaptureFixture[str]) -> None:
+    import attnblocks
+
+    threads = str(torch.get_num_threads())
+    args = ["--shapes", "2,16,4,4", "--rounds", "1", "--sample-ms", "0.05", "--threads", threads]
+    load("bench_se").main([*args, "--memory-format", "contiguous", "--blocks", "all"])
+    out = capsys.readouterr().out
+    for block in attnblocks.available_blocks():
+        if block != "se":
+            assert out.count(f"| attnblocks {block} |") == 2, block  # forward, fwd+bwd
+
+
 def test_bench_model_prints_ratios_to_baseline(capsys: pytest.CaptureFixture[str]) -> None:
     threads = str(torch.get_num_threads())
     args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
