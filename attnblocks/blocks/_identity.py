@@ -24,10 +24,17 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 
-__all__ = ["identity_gate_scale", "zero_output_mlp_"]
+__all__ = ["identity_gate_scale", "zero_layer_", "zero_output_mlp_"]
 
 
 @torch.no_grad()
+@torch.no_grad()
+def zero_layer_(layer: nn.Module) -> None:
+    """Set a layer's own weight and bias (if it has one) to zero, in place."""
+    for param in layer.parameters(recurse=False):
+        param.zero_()
+
+
 def identity_gate_scale(
     gate: nn.Module, like: torch.Tensor, *, owner: str, terms: int = 1
 ) -> float:

@@ -14,7 +14,7 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
+from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
@@ -157,10 +157,7 @@ class CBAMBlock(AttentionBlock):
         if self.init == "identity":
             owner = type(self).__name__
             zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-            with torch.no_grad():
-                self.spatial_conv.weight.zero_()
-                if self.spatial_conv.bias is not None:
-                    self.spatial_conv.bias.zero_()
+            zero_layer_(self.spatial_conv)
             self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
 
     def _check(self, x: object) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._identity import identity_gate_scale
+from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
 from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     check_block_input,
@@ -151,10 +151,7 @@ class ECABlock(AttentionBlock):
         self.conv.reset_parameters()
         self.gate_scale = 1.0
         if self.init == "identity":
-            with torch.no_grad():
-                self.conv.weight.zero_()
-                if self.conv.bias is not None:
-                    self.conv.bias.zero_()
+            zero_layer_(self.conv)
             self.gate_scale = identity_gate_scale(
                 self.gate, self.conv.weight, owner=type(self).__name__
             )

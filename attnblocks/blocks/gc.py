@@ -15,6 +15,7 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._identity import zero_layer_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
@@ -157,10 +158,7 @@ class GlobalContextBlock(AttentionBlock):
         for layer in (self.context_mask, self.fc1, self.norm, self.fc2):
             layer.reset_parameters()
         if self.init == "zero_last":
-            with torch.no_grad():
-                self.fc2.weight.zero_()
-                if self.fc2.bias is not None:
-                    self.fc2.bias.zero_()
+            zero_layer_(self.fc2)
 
     def _check(self, x: object) -> None:
         check_block_input(

@@ -14,7 +14,7 @@ from torch import nn
 
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
+from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     channel_projection,
@@ -145,10 +145,7 @@ class SCSEBlock(AttentionBlock):
         if self.init == "identity":
             owner = type(self).__name__
             zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-            with torch.no_grad():
-                self.spatial_proj.weight.zero_()
-                if self.spatial_proj.bias is not None:
-                    self.spatial_proj.bias.zero_()
+            zero_layer_(self.spatial_proj)
             terms = 2 if self.combine == "add" else 1
             self.gate_scale = identity_gate_scale(
                 self.gate, self.fc1.weight, owner=owner, terms=terms
