@@ -97,6 +97,13 @@ def build(name: str, channels: int, options: dict[str, Any], **extra: Any) -> An
     return create_block(name, channels, **options, **extra)
 
 
+def draw_block(data: st.DataObject, name: str, options: dict[str, Any], **extra: Any) -> Any:
+    """Build the block with a drawn channel count (1 to 12), after seeding torch from ``data``."""
+    channels = data.draw(st.integers(1, 12), label="channels")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    return build(name, channels, options, **extra)
+
+
 def spatial_ranks(block: torch.nn.Module) -> tuple[int, ...]:
     return tuple(getattr(block, "spatial_dims", (1, 2, 3)))
 
@@ -149,9 +156,7 @@ def input_format(x: torch.Tensor) -> torch.memory_format:
 def test_output_keeps_shape_dtype_and_memory_format(
     name: str, options: dict[str, Any], data: st.DataObject
 ) -> None:
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options)
+    block = draw_block(data, name, options)
     training = data.draw(st.booleans(), label="training")
     block.train(training)
     x = data.draw(inputs(block, min_batch=2 if training else 1, dtypes=DTYPES), label="x")
@@ -175,9 +180,7 @@ def test_output_keeps_shape_dtype_and_memory_format(
 def test_samples_are_independent_in_eval_mode(
     name: str, options: dict[str, Any], data: st.DataObject
 ) -> None:
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options).double().eval()
+    block = draw_block(data, name, options).double().eval()
     x = data.draw(inputs(block, min_batch=2, dtypes=(torch.float64,)), label="x")
     with torch.no_grad():
         together = block(x)
@@ -195,9 +198,7 @@ def test_samples_are_independent_in_eval_mode(
 def test_channel_gate_reaches_hooks_in_range(
     name: str, options: dict[str, Any], data: st.DataObject
 ) -> None:
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options).double().eval()
+    block = draw_block(data, name, options).double().eval()
     x = data.draw(inputs(block, dtypes=(torch.float64,)), label="x")
     x.requires_grad_(True)
     seen: list[torch.Tensor] = []
@@ -208,7 +209,7 @@ def test_channel_gate_reaches_hooks_in_range(
         return
     assert len(seen) == 1
     (gate,) = seen
-    assert gate.shape == (x.shape[0], channels)
+    assert gate.shape == (x.shape[0], block.channels)
     assert not gate.requires_grad
     assert bool(((gate >= 0) & (gate <= gate_upper_bound(block))).all())
     if hasattr(block, "excitation"):
@@ -230,9 +231,7 @@ def test_channel_gate_reaches_hooks_in_range(
 def test_spatial_map_reaches_map_hooks(
     name: str, options: dict[str, Any], data: st.DataObject
 ) -> None:
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options).double().eval()
+    block = draw_block(data, name, options).double().eval()
     x = data.draw(inputs(block, dtypes=(torch.float64,)), label="x")
     x.requires_grad_(True)
     seen: list[torch.Tensor] = []
@@ -244,7 +243,7 @@ def test_spatial_map_reaches_map_hooks(
     assert len(seen) == 1
     (attention_map,) = seen
     assert attention_map.shape[0] == x.shape[0]
-    assert attention_map.shape[1] in (1, channels)
+    assert attention_map.shape[1] in (1, block.channels)
     assert attention_map.shape[2:] == x.shape[2:]
     assert not attention_map.requires_grad
     assert bool(torch.isfinite(attention_map).all() & (attention_map >= 0).all())
@@ -263,9 +262,7 @@ def test_spatial_map_reaches_map_hooks(
 def test_inspect_records_what_the_block_applies(
     name: str, options: dict[str, Any], data: st.DataObject
 ) -> None:
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options).double().eval()
+    block = draw_block(data, name, options).double().eval()
     net = torch.nn.Sequential(block)
     first = data.draw(inputs(block, dtypes=(torch.float64,)), label="first batch")
     second = torch.randn_like(first)[: data.draw(st.integers(1, first.shape[0]))]
@@ -426,9 +423,7 @@ def test_identity_init_is_exact_where_supported(
         with pytest.raises(InvalidArgumentError, match="identity"):
             build(name, 8, options, init="identity")
         return
-    channels = data.draw(st.integers(1, 12), label="channels")
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    block = build(name, channels, options, init="identity")
+    block = draw_block(data, name, options, init="identity")
     block.train(data.draw(st.booleans(), label="training"))
     x = data.draw(inputs(block, dtypes=(torch.float32, torch.float64)), label="x")
     with torch.no_grad():
