@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import attnblocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from se_cifar.system import keep_freed_memory as _keep_freed_memory
 
 __all__ = ["TutorialSE", "describe_machine", "keep_freed_memory"]
 
@@ -46,24 +49,15 @@ def keep_freed_memory() -> str:
     mmap) is handed back to the kernel, and the next allocation of that size page-faults
     on every 4 KiB page it touches; on this VM that costs more than reading the tensor.
     Which calls pay it depends on what was allocated before, so it adds noise that has
-    nothing to do with the code being timed. jemalloc/tcmalloc, or the environment
-    variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, have the same effect.
+    nothing to do with the code being timed. The setting itself lives with the example
+    (``examples/se_cifar/system.py``), which uses it for training.
 
     Returns:
         A line saying what was done.
     """
-    name = ctypes.util.find_library("c")
-    if name is None or platform.system() != "Linux":
-        return "malloc: default (could not find glibc to configure)"
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's largest allowed value
-    ok &= libc.mallopt(m_trim_threshold, 1 << 30)
-    return (
-        "malloc: glibc keeps freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"
-        if ok
-        else ("malloc: default (mallopt failed)")
-    )
+    if _keep_freed_memory():
+        return "malloc: glibc keeps freed memory (mmap threshold 32 MiB, no trimming)"
+    return "malloc: default (glibc's mallopt is not available here)"
 
 
 def describe_machine(extra: str) -> str:

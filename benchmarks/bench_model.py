@@ -19,6 +19,7 @@ resnet152 when this version of attnblocks has it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import random
@@ -121,6 +122,12 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     num_classes = 10 if name == "tutorial_cnn" else 1000
     target = torch.randint(0, num_classes, (args.batch,))
     loss_fn = nn.CrossEntropyLoss()
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
+
+    def autocast() -> contextlib.AbstractContextManager[object]:
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=amp)
 
     def train_step_of(model: nn.Module) -> Callable[[], object]:
         model = model.to(memory_format=fmt).train()
@@ -128,7 +135,9 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
 
         def step() -> object:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), target)
+            with autocast():
+                logits = model(x)
+            loss = loss_fn(logits.float(), target)
             loss.backward()
             opt.step()
             return loss
@@ -139,7 +148,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         model = model.to(memory_format=fmt).eval()
 
         def run() -> object:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return model(x)
 
         return run
@@ -157,7 +166,8 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
                 samples[v].append(_timed(steps[v], args.steps))
         base = samples["baseline"]
         title = f"{name}, {mode}, batch {args.batch}, input {'x'.join(map(str, in_shape))}"
-        print(f"\n#### {title}, {args.memory_format}\n")
+        precision = "float32" if amp is None else f"{args.autocast} autocast"
+        print(f"\n#### {title}, {args.memory_format}, {precision}\n")
         print("| variant | median ms | IQR ms | ratio to baseline |")
         print("|---|---:|---:|---:|")
         for v in names:
@@ -208,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument(
         "--memory-format", default="contiguous", choices=["contiguous", "channels_last"]
+    )
+    parser.add_argument(
+        "--autocast",
+        default="none",
+        choices=["none", "bf16", "fp16"],
+        help="run the models under torch.autocast with this dtype (default: none, float32)",
     )
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
     parser.add_argument("--steps", type=int, default=2, help="steps per timed sample (default 2)")

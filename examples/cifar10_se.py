@@ -36,7 +36,7 @@ from se_cifar.engine import (
     train_run,
 )
 from se_cifar.models import build_model, count_parameters, valid_arms
-from se_cifar.recipes import RECIPES, get_recipe
+from se_cifar.recipes import RECIPES, get_recipe, parse_setting
 from se_cifar.stats import comparisons, mean_std
 
 
@@ -108,6 +108,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="channels_last memory format (default: the recipe's)",
     )
     train.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="evaluate and keep an exponential moving average of the weights with this "
+        "decay per step, 0 for none (default: the recipe's)",
+    )
+    train.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train through torch.compile (default: the recipe's)",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe field, e.g. --set weight_decay=1e-4 --set test_flip=false; "
+        "repeatable; a dedicated flag (--epochs, --lr, ...) wins over --set",
+    )
+    train.add_argument(
+        "--targets",
+        default="81.4,84.7",
+        help="test accuracies (%%) whose time to reach is reported (default: 81.4,84.7)",
+    )
+    train.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on Linux, tell glibc malloc to keep freed memory for reuse instead of "
+        "returning it to the OS: large activations then stop paying page faults every "
+        "step (default: on)",
+    )
+    train.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda", "mps"],
         default="auto",
@@ -147,6 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--arms/--block: unknown arm(s) {bad}; valid arms are {valid}")
     args.arms = ",".join(arms)
     args.arm_list = arms
+    try:
+        args.settings = dict(parse_setting(item) for item in args.set)
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        args.target_list = sorted(float(t) / 100.0 for t in args.targets.split(",") if t.strip())
+    except ValueError:
+        p.error(f"--targets takes comma-separated percentages, got {args.targets!r}")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     for name in ("subset", "test_subset", "epochs", "batch_size", "threads"):
@@ -173,6 +216,10 @@ SAVED_KEYS = (
     "lr",
     "precision",
     "channels_last",
+    "ema",
+    "compile",
+    "settings",
+    "targets",
 )
 
 
@@ -185,8 +232,12 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
             raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
         saved = json.loads(config.read_text())["args"]
         for key in SAVED_KEYS:
-            setattr(args, key, saved[key])
+            setattr(args, key, saved.get(key, getattr(args, key, None)))
+        args.settings = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in (args.settings or {}).items()
+        }
         args.arm_list = [a for a in args.arms.split(",") if a]
+        args.target_list = sorted(float(t) / 100.0 for t in args.targets.split(",") if t.strip())
         return run_dir
     run_dir = (
         Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -278,14 +329,17 @@ def train_all(
     device = device or pick_device(args.device)
     lead = rank == 0
     say: Any = print if lead else (lambda *_, **__: None)
-    recipe = get_recipe(
-        args.recipe,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        precision=args.precision,
-        channels_last=args.channels_last,
-    )
+    flags = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "ema": args.ema,
+        "compile": args.compile,
+    }
+    # --set KEY=VALUE first, then the dedicated flags (which win when both are given)
+    recipe = get_recipe(args.recipe, **{**args.settings, **_given(flags)})
     amp = autocast_dtype(recipe.precision, device)
     env = {**environment(device), "world_size": world}
     if lead:
@@ -306,9 +360,10 @@ def train_all(
         test_count=test_count,
         seed=args.seed,
     )
+    data_s = time.perf_counter() - t0
     say(
         f"data: {len(train)} train / {len(test)} test images, {len(train.classes)} classes "
-        f"({time.perf_counter() - t0:.1f}s)"
+        f"({data_s:.1f}s)"
     )
     say(
         f"recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}"
@@ -322,6 +377,7 @@ def train_all(
         "environment": env,
         "data": {
             "data_dir": args.data_dir,
+            "load_time_s": data_s,
             "train": len(train),
             "test": len(test),
             "classes": train.classes,
@@ -381,6 +437,7 @@ def train_all(
                     "wall_time_s_this_session": wall,
                     "train_images_per_s": mean_std([r["images_per_s"] for r in state.history])[0],
                     "latency": latency,
+                    "time_to_accuracy": time_to_accuracy(state.history, args.target_list, data_s),
                     "checkpoint": str(ckpt.relative_to(run_dir)),
                 }
             )
@@ -403,6 +460,49 @@ def train_all(
     return summary
 
 
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def time_to_accuracy(
+    history: list[dict[str, Any]], targets: list[float], data_s: float
+) -> dict[str, dict[str, float] | None]:
+    """For each target accuracy, the first epoch that reached it and the wall time until then.
+
+    The time is all included: data loading (``data_s``, once per process) plus the
+    run's ``elapsed_s`` at the end of that epoch's evaluation (model set-up,
+    training, every evaluation). ``None`` when the run never reached the target.
+
+    >>> rows = [{"epoch": 1, "test_acc": 0.5, "elapsed_s": 10.0},
+    ...         {"epoch": 2, "test_acc": 0.82, "elapsed_s": 21.0}]
+    >>> time_to_accuracy(rows, [0.814, 0.847], 2.0)
+    {'81.4': {'epoch': 2, 'seconds': 23.0}, '84.7': None}
+    """
+    out: dict[str, dict[str, float] | None] = {}
+    for target in targets:
+        hit = next((r for r in history if r["test_acc"] >= target - 1e-12), None)
+        key = f"{100 * target:g}"
+        if hit is None or "elapsed_s" not in hit:
+            out[key] = None
+        else:
+            out[key] = {"epoch": hit["epoch"], "seconds": data_s + hit["elapsed_s"]}
+    return out
+
+
+def _targets_of(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, float]], int]]:
+    targets: list[str] = []
+    for run in runs:
+        targets += [t for t in run.get("time_to_accuracy", {}) if t not in targets]
+    return [
+        (
+            t,
+            [r["time_to_accuracy"][t] for r in runs if r.get("time_to_accuracy", {}).get(t)],
+            len(runs),
+        )
+        for t in targets
+    ]
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     print("\narm        params     final test acc (mean +/- std)  best    s/epoch")
     for arm, info in summary["arms"].items():
@@ -413,6 +513,16 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"{100 * info['best_test_acc_mean']:6.2f}  "
             f"{mean_std([r['epoch_time_s'] for r in runs])[0]:7.1f}"
         )
+    for arm, info in summary["arms"].items():
+        parts = []
+        for target, hits, n in _targets_of(info["runs"]):
+            if hits:
+                secs = mean_std([h["seconds"] for h in hits])[0]
+                parts.append(f"{target} % in {secs:.0f} s ({len(hits)}/{n} runs)")
+            else:
+                parts.append(f"{target} % not reached")
+        if parts:
+            print(f"{arm}: time to accuracy, all included: " + "; ".join(parts))
     for arm, comp in summary.get("comparisons", {}).items():
         ci = (
             "n/a"
@@ -440,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             print_summary(summary)
             return 0
+        if args.keep_freed_memory:
+            from se_cifar.system import keep_freed_memory
+
+            keep_freed_memory()
         rank, world, device = init_distributed(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)

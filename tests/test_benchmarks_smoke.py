@@ -53,6 +53,18 @@ def test_bench_model_prints_ratios_to_baseline(capsys: pytest.CaptureFixture[str
     assert out.count("| baseline |") == 2 and out.count("| attnblocks |") == 2
 
 
+def test_bench_model_under_bf16_autocast_and_channels_last(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    threads = str(torch.get_num_threads())
+    args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
+    extra = ["--autocast", "bf16", "--memory-format", "channels_last", "--malloc", "keep"]
+    load("bench_model").main([*args, *extra, "--no-insert-se", "--threads", threads])
+    out = capsys.readouterr().out
+    assert out.count("channels_last, bf16 autocast") == 2
+    assert "glibc keeps freed memory" in out
+
+
 def test_se_variants_of_the_tutorial_cnn_add_three_blocks() -> None:
     bench_model = load("bench_model")
     base = bench_model.tutorial_cnn()

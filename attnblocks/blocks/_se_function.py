@@ -50,6 +50,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 
 from attnblocks.blocks._layers import LambdaLayer
+from attnblocks.blocks._ops import global_avg_pool, spatial_dot
 
 __all__ = ["FusedSpec", "SEFunction", "fused_spec", "mlp_dtype", "se_forward"]
 
@@ -222,10 +223,7 @@ def se_forward(
     compute = mlp_dtype(w1.dtype, x.device.type)
     # Squeeze, accumulated in float32 for half types, then cast as on the plain path:
     # to the weights' dtype, and by autocast (if on) to its dtype.
-    if x.dtype in (torch.float16, torch.bfloat16):
-        z = x.mean(dim=spatial, dtype=torch.float32)
-    else:
-        z = x.mean(dim=spatial)
+    z = global_avg_pool(x)
     z = _cast(_cast(z, w1.dtype), compute)
     w1c, w2c = _cast(w1, compute), _cast(w2, compute)
     h = F.linear(z, w1c, _cast_optional(b1, compute))
@@ -362,6 +360,9 @@ def _spatial_dot(
             [False, True, False],
         )[1]
         return dot.view(n, c), None
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        # Chunked float32 sums: a full-size float32 temporary costs more than the saved buffer.
+        return spatial_dot(grad_out, x), None
     product = grad_out * x
     return product.sum(dim=tuple(range(2, x.dim())), dtype=_accumulate_dtype(x.dtype)), product
 

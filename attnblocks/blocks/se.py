@@ -15,6 +15,7 @@ from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
+from attnblocks.blocks._ops import global_avg_pool
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import FusedSpec, SEFunction, fused_spec, se_forward
 
@@ -241,9 +242,7 @@ class SEBlock(AttentionBlock):
         return self._excitation(x)
 
     def _excitation(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = tuple(range(2, x.dim()))
-        acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        squeezed = x.mean(dim=spatial, dtype=acc_dtype)
+        squeezed = global_avg_pool(x)
         weight_dtype = self.fc1.weight.dtype
         if squeezed.dtype != weight_dtype:  # autocast, if on, casts inside the Linear
             squeezed = squeezed.to(weight_dtype)

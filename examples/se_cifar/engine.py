@@ -18,6 +18,7 @@ from torch import nn
 
 from se_cifar.augment import Augment
 from se_cifar.data import Split
+from se_cifar.ema import WeightEMA
 from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD, Recipe
 
 __all__ = [
@@ -197,6 +198,7 @@ class RunState:
     iterations: list[tuple[int, int, float]] = field(default_factory=list)
     epoch_sums: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    elapsed_s: float = 0.0  # wall time of the completed epochs, setup and evaluation included
 
 
 def _make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -289,6 +291,11 @@ def train_run(
     single process; under torchrun, rank 0 writes the checkpoints and the other
     ranks restart their random streams when resuming inside an epoch).
 
+    With ``recipe.ema`` the evaluated (and, at the end, returned and saved) weights
+    are the moving average's. Every epoch's row records ``elapsed_s``: the wall time
+    since training started (model set-up, evaluation and checkpoints included,
+    summed over resumed sessions), for time-to-accuracy measurements.
+
     Under torchrun (``world_size > 1``) the model is wrapped in
     DistributedDataParallel, each process trains on its own shard of every epoch's
     permutation (``batch_size`` is per process), and only rank 0 logs and saves.
@@ -307,6 +314,7 @@ def train_run(
         rank: this process's rank under torchrun (0 otherwise).
         world_size: the number of processes.
     """
+    session_start = time.perf_counter()
     amp = autocast_dtype(recipe.precision, device)
     augment = make_augment(recipe)
     if recipe.channels_last:
@@ -315,7 +323,10 @@ def train_run(
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model)
+    if recipe.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
     optimizer = _make_optimizer(model, recipe)
+    ema = WeightEMA(model, recipe.ema) if recipe.ema > 0 else None
     local_n = len(train) // world_size
     steps_per_epoch = math.ceil(local_n / recipe.batch_size)
     scheduler = _make_scheduler(optimizer, recipe, steps_per_epoch)
@@ -330,6 +341,8 @@ def train_run(
         state = blob["state"]
         torch.set_rng_state(blob["torch_rng"])
         aug_state = blob.get("aug_rng")
+        if ema is not None and blob.get("ema") is not None:
+            ema.load_state_dict(blob["ema"])
         if rank != 0:  # only rank 0's random streams are saved: others restart theirs
             torch.manual_seed(_seed_of(seed, 1, rank, state.epoch, state.step))
             aug_state = None
@@ -352,6 +365,7 @@ def train_run(
                 "state": state,
                 "torch_rng": torch.get_rng_state(),
                 "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
                 "recipe": recipe.to_dict(),
                 "seed": seed,
             },
@@ -372,6 +386,8 @@ def train_run(
             augment=augment,
             optimizer=optimizer,
             scheduler=scheduler,
+            ema=ema,
+            clock=(state.elapsed_s, session_start),
             images=images,
             labels=labels,
             local_n=local_n,
@@ -402,6 +418,8 @@ def _train_epochs(
     augment: Augment,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    ema: WeightEMA | None,
+    clock: tuple[float, float],
     images: torch.Tensor,
     labels: torch.Tensor,
     local_n: int,
@@ -449,6 +467,8 @@ def _train_epochs(
                 )
                 if recipe.schedule == "onecycle":
                     scheduler.step()
+                if ema is not None:
+                    ema.update(model)
                 value = float(loss)
                 state.iterations.append((epoch, state.step, value))
                 sums["loss"] += value * len(index)
@@ -472,7 +492,7 @@ def _train_epochs(
                 batches.close()
         sums["time"] += time.perf_counter() - tick
         result = evaluate(
-            model,
+            model if ema is None else ema.shadow,
             test,
             augment,
             device,
@@ -492,11 +512,15 @@ def _train_epochs(
             "epoch_time_s": sums["time"],
             "images_per_s": sums["seen"] * world_size / max(1e-9, sums["time"]),
         }
-        state.history.append(row)
         state.epoch += 1
         state.step = 0
         state.epoch_sums = {}
         state.complete = state.epoch >= recipe.epochs
+        if state.complete and ema is not None:
+            model.load_state_dict(ema.shadow.state_dict())  # the evaluated weights
+        row["elapsed_s"] = clock[0] + time.perf_counter() - clock[1]
+        state.elapsed_s = row["elapsed_s"]
+        state.history.append(row)
         snapshot(None)
         if rank == 0:
             log(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe", "get_recipe"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "RECIPES", "Recipe", "get_recipe", "parse_setting"]
 
 #: The tutorial's normalisation constants.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -38,6 +38,14 @@ class Recipe:
             device supports it fast, else fp32).
         channels_last: train in channels_last memory format.
         test_flip: average the predictions on each test image and its mirror image.
+        ema: decay per step of an exponential moving average of the weights (and
+            BatchNorm statistics), which is then what is evaluated and saved; 0 turns
+            it off. The decay ramps up as ``min(ema, (1 + t) / (10 + t))`` after ``t``
+            steps, so the average forgets the random initialisation quickly.
+        compile: train through ``torch.compile`` (inductor). Compilation time counts
+            towards the run's time; on GPUs it usually pays, on this 2-core CPU a
+            bfloat16 training step measured twice as slow compiled, so the fast
+            recipe leaves it off.
     """
 
     name: str
@@ -59,6 +67,8 @@ class Recipe:
     precision: str = "fp32"
     channels_last: bool = False
     test_flip: bool = False
+    ema: float = 0.0
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -80,10 +90,12 @@ RECIPES: dict[str, Recipe] = {
         precision="fp32",
     ),
     # Tensor-resident data, batched crop + flip, large batches, SGD + Nesterov with a
-    # one-cycle schedule, label smoothing, bf16 autocast and channels_last.
+    # one-cycle schedule, bf16 autocast and channels_last, an EMA of the weights (which is
+    # what is evaluated) and test-time flip. No label smoothing: with the EMA, the SE arm
+    # ended at 84.76 % without it and 84.54 % with 0.1 (seed 0, 36 epochs).
     "fast": Recipe(
         name="fast",
-        epochs=30,
+        epochs=36,
         batch_size=256,
         optimizer="sgd",
         lr=0.2,
@@ -91,10 +103,11 @@ RECIPES: dict[str, Recipe] = {
         momentum=0.9,
         nesterov=True,
         schedule="onecycle",
-        label_smoothing=0.1,
+        label_smoothing=0.0,
         precision="auto",
         channels_last=True,
         test_flip=True,
+        ema=0.999,
     ),
 }
 
@@ -105,3 +118,38 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; valid recipes are {sorted(RECIPES)}.")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(RECIPES[name], **changes)
+
+
+def _coerce(name: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {text!r}.")
+    if isinstance(default, tuple):
+        return tuple(float(part) for part in text.split(","))
+    return type(default)(text)
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """Parse one ``--set KEY=VALUE`` into a recipe field name and a value of its type.
+
+    >>> parse_setting("ema=0.999")
+    ('ema', 0.999)
+    >>> parse_setting("test_flip=false")
+    ('test_flip', False)
+    >>> parse_setting("jitter=0.2,0.2,0.2,0.1")
+    ('jitter', (0.2, 0.2, 0.2, 0.1))
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    names = [f.name for f in fields(Recipe) if f.name != "name"]
+    if not sep or key not in names:
+        raise ValueError(f"--set takes KEY=VALUE with KEY one of {names}; got {text!r}.")
+    default = getattr(RECIPES["fast"], key)
+    try:
+        return key, _coerce(key, value, default)
+    except ValueError as err:
+        raise ValueError(f"--set {text!r}: {err}") from None

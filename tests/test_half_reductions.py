@@ -1,0 +1,95 @@
+"""Half-type pooling and dot products in float32, reduced a few samples at a time on the CPU.
+
+The chunked path exists for speed only (no full-size float32 copy of a large
+bfloat16 feature map); every sample's reduction is the same computation either
+way, so chunked and one-call results must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnblocks import SEBlock
+from attnblocks.blocks import _ops
+from attnblocks.blocks._ops import global_avg_pool, spatial_dot
+
+
+def _one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 1 << 40)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    n=st.integers(1, 7),
+    c=st.integers(1, 9),
+    hw=st.integers(1, 9),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_one_call_bitwise(
+    n: int, c: int, hw: int, dtype: torch.dtype, channels_last: bool, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, c, hw, hw + 1, generator=gen).to(dtype)
+    b = torch.randn(n, c, hw, hw + 1, generator=gen).to(dtype)
+    if channels_last:
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops, "_CHUNK_ELEMENTS", 1 << 40)
+        pool_ref, dot_ref = global_avg_pool(a), spatial_dot(a, b)
+        mp.setattr(_ops, "_CHUNK_ELEMENTS", 2 * c)  # chunks of a sample or a few
+        if n > 1:
+            assert _ops._batch_chunk(a) is not None
+        pool, dot = global_avg_pool(a), spatial_dot(a, b)
+    assert pool.dtype == dot.dtype == torch.float32 and pool.shape == (n, c)
+    assert torch.equal(pool, pool_ref) and torch.equal(dot, dot_ref)
+    # and both are the float32 reductions they claim to be
+    torch.testing.assert_close(pool, a.float().mean((2, 3)), rtol=1e-6, atol=1e-6)
+    expected = (a * b).float().sum((2, 3))
+    torch.testing.assert_close(dot, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_only_large_cpu_half_inputs_are_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 100)
+    big = torch.zeros(8, 4, 5, 5)
+    assert _ops._batch_chunk(big) is None  # float32: no cast, nothing to save
+    assert _ops._batch_chunk(big.to(torch.bfloat16)) == 1
+    assert _ops._batch_chunk(big[:1].to(torch.bfloat16)) is None  # one sample
+    assert _ops._batch_chunk(big[:, :, :2, :2].to(torch.float16)) == 6  # 128 > 100: 100 // 16
+    assert _ops._batch_chunk(big[:, :, :1, :1].to(torch.float16)) is None  # 32 elements
+    monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 1000)
+    assert _ops._batch_chunk(big.to(torch.float16)) is None  # 800 elements: one call
+    monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 250)
+    assert _ops._batch_chunk(big.to(torch.float16)) == 2  # 250 // 100 samples
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_se_block_in_bfloat16_is_unchanged_by_chunking(
+    channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    block = SEBlock(16, reduction=4)
+    x = torch.randn(6, 16, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x).to(torch.bfloat16)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        xb = x.to(torch.bfloat16).requires_grad_()
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(xb)
+        out.backward(grad_out)
+        assert block.fast_path
+        return (out, xb.grad, *(p.grad for p in block.parameters()))
+
+    _one_call(monkeypatch)
+    reference = run()
+    monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 200)  # 1024 elements per sample: 1 per chunk
+    chunked = run()
+    for got, expected in zip(chunked, reference, strict=True):
+        assert torch.equal(got, expected)
