@@ -19,7 +19,9 @@ Before the runs, the images are decoded once into the uint8 cache the runs share
 cold decoding time is reported separately); every run then loads from the cache,
 which is what its "all included" times contain.
 
-Writes ``timing.json`` and ``timing.md`` (a Markdown table) into ``--out``.
+Writes ``timing.json`` and ``timing.md`` (a Markdown table) into ``--out``. A run whose
+``summary.json`` already exists in ``--out`` is not repeated (so an interrupted timing
+continues where it stopped); use a new ``--out`` to measure again.
 
 Example:
     python examples/time_recipes.py --data-dir ../shared/data/cifar10 --out runs/timing
