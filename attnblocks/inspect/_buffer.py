@@ -1,4 +1,4 @@
-"""The per-name store of captured tensors shared by the gate and feature recorders."""
+"""The per-name store of captured tensors, and the base of the recorders that fill one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from attnblocks._errors import InvalidInputError
 
-__all__ = ["ChunkStore"]
+__all__ = ["ChunkStore", "StoreRecorder"]
 
 
 class ChunkStore:
@@ -88,3 +88,31 @@ class ChunkStore:
     def rows(self) -> dict[str, int]:
         """The number of rows stored per name."""
         return {name: sum(c.shape[0] for c in self.chunks[name]) for name in self.names}
+
+
+class StoreRecorder:
+    """What the gate, map and feature recorders share: a :class:`ChunkStore` and its reading.
+
+    Subclasses set ``self._store`` and ``self.active`` and add hooks and a property
+    returning everything captured.
+    """
+
+    _store: ChunkStore
+    active: bool
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Return what was captured since the previous ``pop`` (or since the start).
+
+        Use it to feed a :class:`~attnblocks.inspect.GateStats` or any other running
+        statistic batch by batch; with ``keep=False`` the returned rows are dropped from
+        the recorder, so memory stays flat however many batches run.
+        """
+        return self._store.pop()
+
+    def clear(self) -> None:
+        """Forget everything captured."""
+        self._store.clear()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "closed"
+        return f"{type(self).__name__}({state}, rows={self._store.rows()})"

@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidInputError
-from attnblocks.inspect._buffer import ChunkStore
+from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
 from attnblocks.inspect._sites import Selectors, resolve_modules
 
 __all__ = ["FeatureRecorder", "record_features"]
 
 
-class FeatureRecorder:
+class FeatureRecorder(StoreRecorder):
     """The outputs captured by :func:`record_features`, one entry per module.
 
     Attributes:
@@ -59,18 +59,6 @@ class FeatureRecorder:
     def batches(self) -> dict[str, list[torch.Tensor]]:
         """``{layer: [output of call 1, call 2, ...]}``, for outputs of varying shape."""
         return {name: list(chunks) for name, chunks in self._store.chunks.items()}
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        """The outputs captured since the previous ``pop``, concatenated per layer."""
-        return self._store.pop()
-
-    def clear(self) -> None:
-        """Forget every captured output."""
-        self._store.clear()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "closed"
-        return f"FeatureRecorder({state}, rows={self._store.rows()})"
 
 
 @contextmanager

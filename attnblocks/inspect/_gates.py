@@ -10,13 +10,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore
+from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
 from attnblocks.inspect._sites import Selectors, find_gate_sites
 
 __all__ = ["GateRecorder", "record_gates"]
 
 
-class GateRecorder:
+class GateRecorder(StoreRecorder):
     """The gates captured by :func:`record_gates`, one entry per attention block.
 
     Attributes:
@@ -56,23 +56,6 @@ class GateRecorder:
         ``keep=False`` the rows already returned by :meth:`pop` are gone.
         """
         return self._store.all()
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        """Return the gates captured since the previous ``pop`` (or since the start).
-
-        Use it to feed a :class:`~attnblocks.inspect.GateStats` batch by batch; with
-        ``keep=False`` the returned rows are dropped from the recorder, so memory stays
-        flat however many batches run.
-        """
-        return self._store.pop()
-
-    def clear(self) -> None:
-        """Forget every captured gate."""
-        self._store.clear()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "closed"
-        return f"GateRecorder({state}, rows={self._store.rows()})"
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore
+from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
 from attnblocks.inspect._sites import Selectors, find_map_sites
 
 __all__ = ["MapRecorder", "MapReduction", "record_maps"]
@@ -25,7 +25,7 @@ MapReduction = Literal["mean", "max"] | None
 _REDUCTIONS = (None, "mean", "max")
 
 
-class MapRecorder:
+class MapRecorder(StoreRecorder):
     """The spatial maps captured by :func:`record_maps`, one entry per attention block.
 
     Attributes:
@@ -75,18 +75,6 @@ class MapRecorder:
     def batches(self) -> dict[str, list[torch.Tensor]]:
         """``{site: [maps of call 1, call 2, ...]}``, for inputs of varying size."""
         return {name: list(chunks) for name, chunks in self._store.chunks.items()}
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        """Return the maps captured since the previous ``pop`` (see :meth:`GateRecorder.pop`)."""
-        return self._store.pop()
-
-    def clear(self) -> None:
-        """Forget every captured map."""
-        self._store.clear()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "closed"
-        return f"MapRecorder({state}, rows={self._store.rows()})"
 
 
 @contextmanager
