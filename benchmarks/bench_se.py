@@ -14,6 +14,15 @@ grad and x for dL/ds, read grad and write dL/dx). ``% copy`` is that figure divi
 bandwidth of ``dst.copy_(x)`` measured in the same rounds; 100 % means "as fast as the
 memory allows", and an implementation that moves more bytes than needed scores lower.
 
+Caches: by default (``--cache warm``) every sample repeats the call on the same tensors,
+which then stay in the last-level cache (a (64, 32, 32, 32) float32 map is 8 MiB): that
+measures the arithmetic and the framework overhead. Inside a network the block's input
+has just been written by the layer before and its gradient by the layer after, and the
+other activations have pushed the rest out of the cache, so the memory system dominates;
+``--cache cold`` reproduces that: before every timed call it writes over a buffer several
+times the size of the cache (``--flush-mib``), times that one call alone, and the copy
+reference is flushed and timed the same way.
+
 Run ``python benchmarks/bench_se.py --help`` for the options; the README has the tables.
 """
 
@@ -101,6 +110,21 @@ def _time(step: Callable[[], object], inner: int, device: torch.device) -> float
     return (time.perf_counter() - start) / inner
 
 
+def make_flush(device: torch.device, mib: int) -> Callable[[], None]:
+    """A function that evicts the caches: it reads and writes ``mib`` MiB of other memory.
+
+    An in-place add, not a fill: large fills may use non-temporal stores, which bypass
+    the cache instead of evicting it.
+    """
+    buffer = torch.zeros(mib * (1 << 20) // 4, dtype=torch.float32, device=device)
+
+    def flush() -> None:
+        buffer.add_(1.0)
+        _sync(device)
+
+    return flush
+
+
 def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     """Time every implementation on one case; return one row per implementation."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -133,6 +157,9 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     se_once = statistics.median(t for n, t in once.items() if n != "copy")
     inner = {n: max(1, round(args.sample_ms / 1e3 / max(se_once, 1e-7))) for n in steps}
     inner["copy"] = max(1, round(args.sample_ms / 1e3 / max(once["copy"], 1e-7)))
+    flush = make_flush(device, args.flush_mib) if args.cache == "cold" else None
+    if flush is not None:  # one call per sample, each after the caches were flushed
+        inner = dict.fromkeys(steps, 1)
 
     names = list(steps)
     samples: dict[str, list[float]] = {n: [] for n in names}
@@ -144,6 +171,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
         order = shuffler.sample(names, len(names))
         for name in order:
             steps[name]()
+            if flush is not None:
+                flush()
             samples[name].append(_time(steps[name], inner[name], device))
 
     # Ratios are taken within each round (paired), then the median over rounds: a slow
@@ -177,7 +206,8 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
 def print_table(case: Case, rows: list[dict[str, object]], args: argparse.Namespace) -> None:
     shape = "x".join(str(s) for s in case.shape)
     fastest = rows[0]["fastest"]
-    print(f"\n#### {shape}, {case.memory_format}, {case.mode} ({args.dtype}, {args.device})\n")
+    where = f"{args.dtype}, {args.device}, {args.cache} cache"
+    print(f"\n#### {shape}, {case.memory_format}, {case.mode} ({where})\n")
     print(
         f"| implementation | median ms | IQR ms | speed-up vs {fastest} | GB/s (ideal bytes) "
         "| % of copy bandwidth |"
@@ -232,6 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sample-ms", type=float, default=3.0, help="target length of one timed sample (ms)"
     )
+    parser.add_argument(
+        "--cache",
+        default="warm",
+        choices=["warm", "cold"],
+        help="'warm' (default): repeated calls on cache-resident tensors; 'cold': flush the "
+        "caches before every timed call, as inside a network",
+    )
+    parser.add_argument(
+        "--flush-mib",
+        type=int,
+        default=128,
+        help="MiB written to flush the caches with --cache cold (default 128; use several "
+        "times the last-level cache)",
+    )
     parser.add_argument("--reduction", type=int, default=16, help="SE reduction ratio r")
     parser.add_argument(
         "--impls",
@@ -261,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--blocks: unknown {unknown}; registered: {attnblocks.available_blocks()}")
 
+    if args.flush_mib < 1:
+        parser.error(f"--flush-mib must be a positive number of MiB, got {args.flush_mib}")
+    cache = "warm cache"
+    if args.cache == "cold":
+        cache = f"cold cache (flushed by writing {args.flush_mib} MiB before every timed call)"
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
     both = ["contiguous", "channels_last"]
@@ -268,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
     print(
         describe_machine(
-            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {malloc}"
+            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {cache}, {malloc}"
         )
     )
     for shape in args.shapes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +31,40 @@ def test_bench_se_prints_a_table_per_case(capsys: pytest.CaptureFixture[str]) ->
     assert out.count("#### 2x16x4x4") == 4  # 2 formats x 2 modes
     for name in ("| tutorial |", "| attnblocks |", "| attnblocks (plain) |", "| copy |"):
         assert out.count(name) == 4
+
+
+def test_bench_se_cold_cache_times_single_flushed_calls(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench_se = load("bench_se")
+    flushes = 0
+    make_flush = bench_se.make_flush
+
+    def counting_flush(device: torch.device, mib: int) -> Callable[[], None]:
+        flush = make_flush(device, mib)
+
+        def counted() -> None:
+            nonlocal flushes
+            flushes += 1
+            flush()
+
+        return counted
+
+    monkeypatch.setattr(bench_se, "make_flush", counting_flush)
+    threads = str(torch.get_num_threads())
+    args = ["--shapes", "2,16,4,4", "--rounds", "3", "--threads", threads, "--cache", "cold"]
+    bench_se.main([*args, "--flush-mib", "1", "--memory-format", "contiguous", "--mode", "forward"])
+    out = capsys.readouterr().out
+    assert "cold cache (flushed by writing 1 MiB before every timed call)" in out
+    assert out.count("(float32, cpu, cold cache)") == 1
+    implementations = out.count("| tutorial |") + out.count("| attnblocks") + out.count("| copy |")
+    implementations += out.count("| timm |") + out.count("| torchvision |")
+    assert flushes == 3 * implementations  # one flush before every timed call
+
+
+def test_bench_se_rejects_a_flush_of_no_memory() -> None:
+    with pytest.raises(SystemExit):
+        load("bench_se").main(["--cache", "cold", "--flush-mib", "0"])
 
 
 def test_bench_se_times_every_registered_block(capsys: pytest.CaptureFixture[str]) -> None:

@@ -409,6 +409,39 @@ def test_inference_path_matches_reference() -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_without_gradients_the_submodules_run() -> None:
+    # The fused function is only worth its cost when there is a backward pass to save.
+    torch.manual_seed(19)
+    block = SEBlock(16, reduction=4)
+    frozen = copy.deepcopy(block).requires_grad_(False)
+    calls: list[str] = []
+
+    def count_fc1_calls(se: SEBlock) -> None:
+        fc1_forward = se.fc1.forward
+
+        def counted(z: torch.Tensor) -> torch.Tensor:
+            calls.append("fc1")
+            return fc1_forward(z)
+
+        se.fc1.forward = counted  # type: ignore[method-assign]
+
+    count_fc1_calls(block)
+    count_fc1_calls(frozen)
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        expected = reference_se(x, block)
+        no_grad = block(x)
+    with torch.inference_mode():
+        inference = block(x)
+    nothing_requires_grad = frozen(x)
+    assert calls == ["fc1"] * 3
+    for out in (no_grad, inference, nothing_requires_grad):
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    trained = block(x.requires_grad_(True))
+    assert took_fused_path(trained) and calls == ["fc1"] * 3
+
+
 def test_identity_init_is_exact_on_the_fused_path_and_trains() -> None:
     torch.manual_seed(10)
     for gate in ("sigmoid", "hard_sigmoid"):

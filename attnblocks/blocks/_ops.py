@@ -76,11 +76,13 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     >>> global_avg_pool(torch.ones(2, 3, 4, 4, dtype=torch.float16)).dtype
     torch.float32
     """
-    dims, acc = spatial_dims_of(x), accumulation_dtype(x)
+    dims = tuple(range(2, x.dim()))
+    if x.dtype not in _HALF_TYPES:  # the common case, with as few Python calls as possible
+        return x.mean(dim=dims)
     chunk = _batch_chunk(x)
     if chunk is None:
-        return x.mean(dim=dims, dtype=acc)
-    return torch.cat([part.mean(dim=dims, dtype=acc) for part in x.split(chunk)])
+        return x.mean(dim=dims, dtype=torch.float32)
+    return torch.cat([part.mean(dim=dims, dtype=torch.float32) for part in x.split(chunk)])
 
 
 def spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
