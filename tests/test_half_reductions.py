@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from attnblocks import SEBlock
 from attnblocks.blocks import _ops
-from attnblocks.blocks._ops import global_avg_pool, spatial_dot
+from attnblocks.blocks._ops import global_avg_pool, global_avg_pool_for, spatial_dot
 
 
 def _one_call(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,29 +67,91 @@ def test_only_large_cpu_half_inputs_are_chunked(monkeypatch: pytest.MonkeyPatch)
     assert _ops._batch_chunk(big.to(torch.float16)) == 2  # 250 // 100 samples
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_se_block_in_bfloat16_is_unchanged_by_chunking(
-    channels_last: bool, monkeypatch: pytest.MonkeyPatch
+def test_se_block_on_half_inputs_is_unchanged_by_chunking(
+    channels_last: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # float32 weights and no autocast: the MLP runs in float32 on the float32 mean, which
+    # is chunked for both half types (and so is the float16 backward's dot product).
     torch.manual_seed(0)
     block = SEBlock(16, reduction=4)
     x = torch.randn(6, 16, 8, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn_like(x).to(torch.bfloat16)
+    grad_out = torch.randn_like(x).to(dtype)
 
     def run() -> tuple[torch.Tensor, ...]:
-        xb = x.to(torch.bfloat16).requires_grad_()
+        xh = x.to(dtype).requires_grad_()
         block.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(xb)
+        out = block(xh)
         out.backward(grad_out)
-        assert block.fast_path
-        return (out, xb.grad, *(p.grad for p in block.parameters()))
+        assert block.fast_path and "SEFunction" in type(out.grad_fn).__name__
+        return (out, xh.grad, *(p.grad for p in block.parameters()))
 
     _one_call(monkeypatch)
     reference = run()
+    calls = 0
+    batch_chunk = _ops._batch_chunk
+
+    def counting(t: torch.Tensor) -> int | None:
+        nonlocal calls
+        chunk = batch_chunk(t)
+        calls += chunk is not None
+        return chunk
+
     monkeypatch.setattr(_ops, "_CHUNK_ELEMENTS", 200)  # 1024 elements per sample: 1 per chunk
+    monkeypatch.setattr(_ops, "_batch_chunk", counting)
     chunked = run()
+    assert calls == (2 if dtype == torch.float16 else 1)  # the mean; float16 also the dot
     for got, expected in zip(chunked, reference, strict=True):
         assert torch.equal(got, expected)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 9),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_pool_for_bfloat16_is_the_float32_accumulated_mean_rounded_once(
+    n: int, c: int, h: int, w: int, channels_last: bool, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(n, c, h, w, generator=gen)).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pooled = global_avg_pool_for(x, torch.bfloat16)
+    assert pooled.dtype == torch.float32 and pooled.shape == (n, c)
+    exact = x.double().mean((2, 3))  # what a float32 accumulation approximates
+    # the bfloat16 sum of a float32 accumulation, rounded once, then divided
+    sums = exact * (h * w)
+    torch.testing.assert_close(pooled.double() * (h * w), sums, rtol=2**-7, atol=1e-5)
+    # after the caller's cast it is the float32 mean rounded to bfloat16, up to one rounding
+    rounded = global_avg_pool(x).to(torch.bfloat16)
+    torch.testing.assert_close(pooled.to(torch.bfloat16), rounded, rtol=2**-7, atol=1e-6)
+
+
+def test_pool_for_bfloat16_accumulates_in_float32() -> None:
+    # 4096 ones: a bfloat16 accumulator stops at 256 (256 + 1 rounds back to 256)
+    ones = torch.ones(2, 3, 64, 64, dtype=torch.bfloat16)
+    for x in (ones, ones.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(global_avg_pool_for(x, torch.bfloat16), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "dtype"),
+    [
+        (torch.bfloat16, torch.float32),  # a float32 MLP keeps the float32 mean
+        (torch.float16, torch.float16),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+)
+def test_pool_for_other_dtypes_is_global_avg_pool(x_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = torch.randn(3, 5, 6, 7).to(x_dtype)
+    assert torch.equal(global_avg_pool_for(x, dtype), global_avg_pool(x))

@@ -15,9 +15,9 @@ from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
-from attnblocks.blocks._ops import global_avg_pool
+from attnblocks.blocks._ops import global_avg_pool_for
 from attnblocks.blocks._registry import register_block
-from attnblocks.blocks._se_function import FusedSpec, SEFunction, fused_spec
+from attnblocks.blocks._se_function import FusedSpec, SEFunction, fused_spec, mlp_dtype
 
 __all__ = ["SEBlock", "se_hidden_channels"]
 
@@ -76,7 +76,8 @@ class SEBlock(AttentionBlock):
     With input :math:`X \in \mathbb{R}^{N \times C \times *}` the block computes
 
     * **squeeze** (eq. 2): :math:`z_c = \text{mean}_{\text{spatial}}(x_c)`, global average
-      pooling over every spatial dimension, accumulated in float32 for half types;
+      pooling over every spatial dimension, accumulated in float32 for half types (and
+      rounded to bfloat16 once when the excitation itself runs in bfloat16);
     * **excitation** (eq. 3): :math:`s = \sigma(W_2\,\delta(W_1 z))` with
       :math:`W_1 \in \mathbb{R}^{\frac{C}{r} \times C}`, :math:`W_2 \in \mathbb{R}^{C
       \times \frac{C}{r}}`, :math:`\delta` the activation (``act``, ReLU in the paper)
@@ -247,8 +248,10 @@ class SEBlock(AttentionBlock):
         # a few percent of a small block's forward.
         modules = self._modules
         fc1: nn.Linear = modules["fc1"]  # type: ignore[assignment]
-        squeezed = global_avg_pool(x)
         weight_dtype = fc1.weight.dtype
+        # The dtype fc1 computes in: its weights', or autocast's for an nn.Linear.
+        compute = mlp_dtype(weight_dtype, x.device.type) if type(fc1) is nn.Linear else weight_dtype
+        squeezed = global_avg_pool_for(x, compute)
         if squeezed.dtype != weight_dtype:  # autocast, if on, casts inside the Linear
             squeezed = squeezed.to(weight_dtype)
         gate = modules["gate"](modules["fc2"](modules["act"](fc1(squeezed))))  # type: ignore[misc]
