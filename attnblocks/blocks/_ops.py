@@ -79,13 +79,11 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     >>> global_avg_pool(torch.ones(2, 3, 4, 4, dtype=torch.float16)).dtype
     torch.float32
     """
-    dims = tuple(range(2, x.dim()))
-    if x.dtype not in _HALF_TYPES:  # the common case, with as few Python calls as possible
-        return x.mean(dim=dims)
+    dims, acc = spatial_dims_of(x), accumulation_dtype(x)
     chunk = _batch_chunk(x)
     if chunk is None:
-        return x.mean(dim=dims, dtype=torch.float32)
-    return torch.cat([part.mean(dim=dims, dtype=torch.float32) for part in x.split(chunk)])
+        return x.mean(dim=dims, dtype=acc)
+    return torch.cat([part.mean(dim=dims, dtype=acc) for part in x.split(chunk)])
 
 
 def global_avg_pool_for(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,8 +104,7 @@ def global_avg_pool_for(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     True
     """
     if dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        dims = tuple(range(2, x.dim()))
-        return x.sum(dim=dims).float() / math.prod(x.shape[2:])
+        return x.sum(dim=spatial_dims_of(x)).float() / math.prod(x.shape[2:])
     return global_avg_pool(x)
 
 
