@@ -86,7 +86,7 @@ def test_se_block_on_half_inputs_is_unchanged_by_chunking(
         block.zero_grad(set_to_none=True)
         out = block(xh)
         out.backward(grad_out)
-        assert block.fast_path and "SEFunction" in type(out.grad_fn).__name__
+        assert block.fast_path and "ChannelGateFunction" in type(out.grad_fn).__name__
         return (out, xh.grad, *(p.grad for p in block.parameters()))
 
     _one_call(monkeypatch)

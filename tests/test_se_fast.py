@@ -60,7 +60,7 @@ def reference_se(
 
 
 def took_fused_path(out: torch.Tensor) -> bool:
-    return out.grad_fn is not None and "SEFunction" in type(out.grad_fn).__name__
+    return out.grad_fn is not None and "ChannelGateFunction" in type(out.grad_fn).__name__
 
 
 def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -386,26 +386,46 @@ def test_fallbacks_take_the_plain_path_and_stay_correct() -> None:
     block = SEBlock(16, reduction=4)
     block.fast_path = False
     assert not took_fused_path(block(x))
-    # An activation whose derivative the fused path does not know.
-    elu = SEBlock(16, reduction=4, activation=nn.ELU)
-    out = elu(x)
-    assert not took_fused_path(out)
-    assert_close_f32(out, reference_se(x, elu, F.elu))
     # A forward hook on a submodule must still be called.
     hooked = SEBlock(16, reduction=4)
     calls: list[int] = []
     hooked.fc1.register_forward_hook(lambda *args: calls.append(1))
     assert not took_fused_path(hooked(x)) and calls == [1]
+    # An activation with parameters: the fused node would not differentiate them.
+    prelu = SEBlock(16, reduction=4, activation=nn.PReLU)
+    out = prelu(x)
+    assert not took_fused_path(out)
+    assert_close_f32(out, reference_se(x, prelu, prelu.act))
 
-    # A subclass of nn.Sigmoid may compute something else: not fused.
-    class ScaledSigmoid(nn.Sigmoid):
+
+def test_other_activations_and_gates_are_fused_by_autograd() -> None:
+    # An activation or gate without a hand-written derivative: the fused node
+    # differentiates it with autograd on the (N, C) tensors.
+    torch.manual_seed(8)
+    x = torch.randn(2, 16, 4, 4)
+    grad_out = torch.randn_like(x)
+
+    class ScaledSigmoid(nn.Sigmoid):  # a subclass may compute something else
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return 0.5 * torch.sigmoid(t)
 
-    custom = SEBlock(16, reduction=4, gate=ScaledSigmoid)
-    out = custom(x)
-    assert not took_fused_path(out)
-    assert_close_f32(out, 0.5 * reference_se(x, custom))
+    for block, act, gate in (
+        (SEBlock(16, reduction=4, activation=nn.ELU), F.elu, torch.sigmoid),
+        (
+            SEBlock(16, reduction=4, gate=ScaledSigmoid),
+            F.relu,
+            lambda t: 0.5 * torch.sigmoid(t),
+        ),
+    ):
+        params = list(block.parameters())
+        out, grads = gradients(block, x, params, grad_out)
+        ref, ref_grads = gradients(
+            lambda t, b=block, a=act, g=gate: reference_se(t, b, a, g), x, params, grad_out
+        )
+        assert took_fused_path(out)
+        assert_close_f32(out, ref)
+        for got, expected in zip(grads, ref_grads, strict=True):
+            assert_close_f32(got, expected)
 
 
 def test_meta_tensors_give_shapes() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
@@ -105,6 +107,10 @@ class CBAMBlock(AttentionBlock):
     has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (2,)
+    #: Whether ``forward`` may run the channel gate as the fused channel-gating node
+    #: when there is a backward pass (as :attr:`SEBlock.fast_path
+    #: <attnblocks.SEBlock.fast_path>`).
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -206,13 +212,44 @@ class CBAMBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the channel gate, then the spatial gate (eq. 1)."""
         self._check(x)
-        gate = self._channel_gate(x)
-        self._emit_gate(gate)
-        refined = x * gate.to(x.dtype)[:, :, None, None]
+        fused = try_fused(self, x, self._pooled_gate)
+        if fused is not None:
+            refined, gate = fused
+            self._emit_gate(gate)
+        else:
+            gate = self._channel_gate(x)
+            self._emit_gate(gate)
+            refined = x * gate.to(x.dtype)[:, :, None, None]
         spatial = self._spatial_gate(refined)
         self._emit_map(spatial)
         out = refined * spatial.to(x.dtype)
         return match_memory_format(out, x)
+
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """The channel gate as the fused node computes it (``None``: call the submodules)."""
+        modules = self._modules
+        fc1, fc2 = modules["fc1"], modules["fc2"]
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+            return None
+        act, gate, scale = modules["act"], modules["gate"], self.gate_scale
+
+        def fn(
+            avg: torch.Tensor,
+            mx: torch.Tensor,
+            w1: torch.Tensor,
+            b1: torch.Tensor | None,
+            w2: torch.Tensor,
+            b2: torch.Tensor | None,
+        ) -> torch.Tensor:
+            def mlp(z: torch.Tensor) -> torch.Tensor:
+                return F.linear(act(F.linear(to_dtype_of(z, w1), w1, b1)), w2, b2)  # type: ignore[misc]
+
+            s = gate(mlp(avg) + mlp(mx))  # type: ignore[misc]
+            return s * scale if scale != 1.0 else s
+
+        p1, p2 = fc1._parameters, fc2._parameters
+        params = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
+        return PooledGate(fn, params, modules=(act, gate), max_pool=True)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return (

@@ -11,11 +11,13 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
 from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
@@ -109,6 +111,9 @@ class ECABlock(AttentionBlock):
     has_channel_gate = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+    #: Whether ``forward`` may use the fused channel-gating node when there is a
+    #: backward pass (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -175,10 +180,31 @@ class ECABlock(AttentionBlock):
         check_block_input(
             x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
         )
+        fused = try_fused(self, x, self._pooled_gate)
+        if fused is not None:
+            out, gate = fused
+            self._emit_gate(gate)
+            return out
         gate = self._excitation(x)
         self._emit_gate(gate)
         shape = gate.shape + (1,) * (x.dim() - 2)
         return match_memory_format(x * gate.to(x.dtype).view(shape), x)
+
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """The gate as the fused node computes it (``None``: call the submodules)."""
+        conv, gate = self._modules["conv"], self._modules["gate"]
+        if type(conv) is not nn.Conv1d or conv.padding_mode != "zeros":
+            return None
+        scale = self.gate_scale
+
+        def fn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            z = to_dtype_of(z, weight).unsqueeze(1)
+            logits = F.conv1d(z, weight, bias, conv.stride, conv.padding, conv.dilation)
+            s = gate(logits.squeeze(1))  # type: ignore[misc]
+            return s * scale if scale != 1.0 else s
+
+        params = conv._parameters
+        return PooledGate(fn, (params["weight"], params.get("bias")), modules=(gate,))  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return (

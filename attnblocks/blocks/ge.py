@@ -18,6 +18,7 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
@@ -134,6 +135,11 @@ class GatherExciteBlock(AttentionBlock):
     has_channel_gate = True
     #: The numbers of spatial dimensions the block accepts (set per instance).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+
+    #: Whether ``forward`` may use the fused channel-gating node (GE-theta-minus with
+    #: global extent, with a backward pass; as :attr:`SEBlock.fast_path
+    #: <attnblocks.SEBlock.fast_path>`).
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -329,6 +335,11 @@ class GatherExciteBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gather context, excite ``x`` with it."""
         self._check(x)
+        fused = try_fused(self, x, self._pooled_gate)
+        if fused is not None:
+            out, gate = fused
+            self._emit_gate(gate)
+            return out
         gate = self._gathered_gate(x)
         if self.extent is None:
             self._emit_gate(gate)
@@ -340,6 +351,13 @@ class GatherExciteBlock(AttentionBlock):
         else:
             gate = self._upsample(gate.to(x.dtype), self.extent, x.shape[2:])
         return match_memory_format(x * gate, x)
+
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """GE-theta-minus with global extent for the fused node (``None`` otherwise)."""
+        if self.gather is not None or self.extent is not None:
+            return None
+        gate = self._modules["gate"]
+        return PooledGate(gate, (), modules=(gate,))  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         extent = "global" if self.extent is None else self.extent

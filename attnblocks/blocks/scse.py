@@ -14,6 +14,7 @@ from torch import nn
 
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
@@ -25,6 +26,7 @@ from attnblocks.blocks._ops import (
 )
 from attnblocks.blocks._options import check_bool, check_choice, check_init, hidden_width
 from attnblocks.blocks._registry import register_block
+from attnblocks.blocks._se_function import mlp_gate
 
 __all__ = ["SCSEBlock"]
 
@@ -104,6 +106,9 @@ class SCSEBlock(AttentionBlock):
     has_spatial_map = True
     #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+    #: Whether ``forward`` may run cSE as the fused channel-gating node when there is a
+    #: backward pass (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -183,6 +188,16 @@ class SCSEBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Recalibrate ``x`` with both branches and combine them."""
         self._check(x)
+        fused = try_fused(self, x, self._pooled_gate)
+        if fused is not None:
+            x_cse, channel = fused
+            self._emit_gate(channel)
+            spatial = self._spatial_gate(x)
+            self._emit_map(spatial)
+            x_sse = x * spatial.to(x.dtype)
+            if self.combine == "add":
+                return x_cse + x_sse
+            return torch.maximum(x_cse, x_sse)
         channel = self._channel_gate(x)
         self._emit_gate(channel)
         channel = channel.to(x.dtype).view(channel.shape + (1,) * (x.dim() - 2))
@@ -194,6 +209,12 @@ class SCSEBlock(AttentionBlock):
         else:
             out = torch.maximum(x * channel, x * spatial)
         return match_memory_format(out, x)
+
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """cSE's gate as the fused node computes it (``None``: call the submodules)."""
+        modules = self._modules
+        fc1, act, fc2, gate = (modules[n] for n in ("fc1", "act", "fc2", "gate"))
+        return mlp_gate(fc1, act, fc2, gate, self.gate_scale, pool_dtype=None)
 
     def extra_repr(self) -> str:
         return (

@@ -14,10 +14,11 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import global_avg_pool_for
 from attnblocks.blocks._registry import register_block
-from attnblocks.blocks._se_function import FusedSpec, SEFunction, fused_spec, mlp_dtype
+from attnblocks.blocks._se_function import mlp_dtype, mlp_gate
 
 __all__ = ["SEBlock", "se_hidden_channels"]
 
@@ -37,36 +38,6 @@ def se_hidden_channels(channels: int, reduction: float) -> int:
     (4, 1, 12)
     """
     return max(1, int(channels / reduction))
-
-
-#: ``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)``; the biases are ``None`` with ``bias=False``.
-_LinearParams = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting()) if is_exporting is not None else False
-
-
-def _function_transform_active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, ...) or forward-mode AD is on."""
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch_active is not None and functorch_active():
-        return True
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-def _has_global_module_hooks() -> bool:
-    # Hooks registered with torch.nn.modules.module.register_module_forward_hook and
-    # friends would be called for fc1/act/fc2/gate on the plain path but not the fused one.
-    module_globals = torch.nn.modules.module
-    names = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return any(getattr(module_globals, name, None) for name in names)
 
 
 @register_block("se")
@@ -141,16 +112,17 @@ class SEBlock(AttentionBlock):
     supports_identity_init = True
 
     #: Whether ``forward`` may use the fused implementation
-    #: (``attnblocks.blocks._se_function``) when there is something to differentiate: a
-    #: custom autograd function whose hand-written backward makes fewer passes over the
-    #: feature map. Without gradients (``torch.no_grad``, ``torch.inference_mode``, or
-    #: nothing requiring grad) the submodules are called either way. The fused function
-    #: is used only when it computes exactly what the submodules would: an activation
-    #: and gate whose derivatives it knows (ReLU, ReLU6, SiLU, GELU, LeakyReLU,
-    #: Hardswish, Mish, Tanh, Identity; sigmoid, hard sigmoid), plain ``nn.Linear``
-    #: layers, no hooks on the submodules, and not while ``torch.jit`` traces,
-    #: ``torch.export`` exports, or a ``torch.func`` transform or forward-mode AD is
-    #: active. Set it to ``False`` on an instance to always call the submodules.
+    #: (``attnblocks.blocks._fused_gate``) when there is something to differentiate: one
+    #: autograd node whose backward makes fewer passes over the feature map. Without
+    #: gradients (``torch.no_grad``, ``torch.inference_mode``, or nothing requiring grad)
+    #: the submodules are called either way. The fused node is used only when it
+    #: computes exactly what the submodules would: plain ``nn.Linear`` layers, an
+    #: activation and gate without parameters (ReLU, ReLU6, SiLU, GELU, LeakyReLU,
+    #: Hardswish, Mish, Tanh, Identity with sigmoid or hard sigmoid have hand-written
+    #: derivatives; others are differentiated by autograd on the ``(N, C)`` tensors), no
+    #: hooks on the submodules, and not while ``torch.jit`` traces, ``torch.export``
+    #: exports, or a ``torch.func`` transform or forward-mode AD is active. Set it to
+    #: ``False`` on an instance to always call the submodules.
     fast_path: bool = True
 
     def __init__(
@@ -262,57 +234,31 @@ class SEBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Re-weight the channels of ``x`` by the excitation gate (eq. 4)."""
         check_feature_map(x, self.channels, owner=type(self).__name__)
-        # The fused function only pays off in the backward pass. With nothing to
-        # differentiate the submodules run as they are: the same tensor operations, and
-        # measured about 20 us per call faster than the fused forward with cold caches,
-        # as inside a network, at every map size (bench_se.py --cache cold).
-        fused = self._fused_arguments() if torch.is_grad_enabled() else None
+        # The fused node only pays off in the backward pass (try_fused returns None
+        # without one). With nothing to differentiate the submodules run as they are:
+        # the same tensor operations, and measured about 20 us per call faster than the
+        # fused forward with cold caches, as inside a network (bench_se.py --cache cold).
+        fused = try_fused(self, x, self._pooled_gate)
         if fused is not None:
-            spec, (w1, b1, w2, b2) = fused
-            if x.requires_grad or any(p is not None and p.requires_grad for p in (w1, b1, w2, b2)):
-                out, gate = SEFunction.apply(x, w1, b1, w2, b2, spec, self.gate_scale)
-                self._emit_gate(gate)
-                return out
+            out, gate = fused
+            self._emit_gate(gate)
+            return out
         gate = self._excitation(x)
         self._emit_gate(gate)
         if gate.dtype != x.dtype:
             gate = gate.to(x.dtype)
         return x * gate.view(gate.shape + (1,) * (x.dim() - 2))
 
-    def _fused_arguments(self) -> tuple[FusedSpec, _LinearParams] | None:
-        """The fused path's spec and ``(w1, b1, w2, b2)``, or ``None`` to call the submodules.
-
-        Reads ``_modules``/``_parameters`` directly: this runs on every forward, and
-        each ``nn.Module.__getattr__`` costs about a microsecond.
-        """
-        if not self.fast_path or torch.jit.is_scripting() or torch.jit.is_tracing():
-            return None
-        if _is_exporting():  # export records the plain modules, as users expect
-            return None
-        if _function_transform_active():  # SEFunction has no vmap or jvp rule
-            return None
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """The excitation as the fused node computes it (``None``: call the submodules)."""
         modules = self._modules
-        fc1, act, fc2, gate = modules["fc1"], modules["act"], modules["fc2"], modules["gate"]
-        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+        fc1, fc2 = modules["fc1"], modules["fc2"]
+        weight = fc1._parameters.get("weight") if fc1 is not None else None
+        if weight is None:
             return None
-        for module in (fc1, act, fc2, gate):
-            if (
-                module._forward_hooks  # type: ignore[union-attr]
-                or module._forward_pre_hooks  # type: ignore[union-attr]
-                or module._backward_hooks  # type: ignore[union-attr]
-                or module._backward_pre_hooks  # type: ignore[union-attr]
-            ):
-                return None  # the fused path would skip them
-        if _has_global_module_hooks():
-            return None
-        spec = fused_spec(act, gate)  # type: ignore[arg-type]
-        if spec is None:
-            return None
-        p1, p2 = fc1._parameters, fc2._parameters
-        w1, w2 = p1["weight"], p2["weight"]
-        if w1 is None or w2 is None:
-            return None
-        return spec, (w1, p1.get("bias"), w2, p2.get("bias"))
+        pool_dtype = mlp_dtype(weight.dtype, x.device.type)
+        act, gate = modules["act"], modules["gate"]
+        return mlp_gate(fc1, act, fc2, gate, self.gate_scale, pool_dtype=pool_dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,438 @@
+"""One fused autograd node for every block whose gate is a function of global pools.
+
+SE, ECA, Gather-Excite θ⁻ (global extent) and the channel gates of CBAM and scSE all
+compute ``x * g(pool(x))``: global pooling of the ``(N, C, *spatial)`` map (the mean,
+and for CBAM also the maximum), a small gate function ``g`` of the ``(N, C)`` vectors
+(an MLP, a 1-D convolution, a bare sigmoid), and a channel-wise scaling. Its cost is
+memory traffic over the map, and PyTorch's default graph spends most of it in the
+backward pass: it materialises ``grad * x`` before summing it, builds the pooling's
+gradient as a separate full-size tensor and adds the gradients of ``x`` in one more
+pass. :class:`ChannelGateFunction` computes the same thing as one autograd node:
+
+* forward: read ``x`` for the pools, read it and write the output once for ``x * g``;
+* backward: ``dL/dg = sum_spatial(grad * x)`` (without the product tensor on CPU in
+  NCHW, float32 sums for half types), back through ``g`` on the ``(N, C)`` tensors,
+  then ``dL/dx = grad * g + broadcast(dL/d avg) / HW`` in one or two passes, written
+  into a buffer it already has when it can; the max pool adds its gradient at the
+  positions of the maximum (split evenly between ties, as autograd's ``amax`` does).
+
+The gate function is differentiated by ordinary autograd on the tiny tensors: the
+forward records ``g`` on detached copies of the pools (and on the parameters), and
+the backward calls :func:`torch.autograd.grad` on that small graph. A gate may
+instead bring a hand-written derivative (a :class:`GateRule`, SE's MLP does), which
+saves the autograd call and lets ``torch.compile`` trace the node.
+
+When a second derivative is asked for (``create_graph=True``) the backward
+recomputes the forward with differentiable ops and differentiates that, so double
+backward matches plain autograd, at plain autograd's speed.
+
+:func:`try_fused` is the one place that decides whether the node may run (the rules
+are in its docstring); each block passes it a function that describes its gate as a
+:class:`PooledGate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+from torch.autograd.function import FunctionCtx
+
+from attnblocks.blocks._ops import (
+    global_avg_pool,
+    global_avg_pool_for,
+    global_max_pool,
+    spatial_dims_of,
+    spatial_dot,
+)
+
+__all__ = ["ChannelGateFunction", "GateRule", "PooledGate", "fused_allowed", "try_fused"]
+
+_aten = torch.ops.aten
+
+Grads = tuple[torch.Tensor | None, ...]
+#: What the forward records for the autograd derivative: the detached pools, the
+#: parameters and the gate computed from them (with its small graph).
+_Recorded = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], torch.Tensor]
+
+
+class GateRule(Protocol):
+    """A gate function with a hand-written derivative (see :class:`PooledGate`)."""
+
+    def forward(
+        self, pooled: tuple[torch.Tensor, ...], params: tuple[torch.Tensor | None, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Return the ``(N, C)`` gate and the tensors the backward needs."""
+        ...
+
+    def backward(
+        self,
+        saved: tuple[torch.Tensor, ...],
+        params: tuple[torch.Tensor | None, ...],
+        grad_gate: torch.Tensor,
+        needs: tuple[bool, ...],
+    ) -> tuple[Grads, Grads]:
+        """Return the gradients of the pools and of the parameters (``None`` where not needed).
+
+        ``grad_gate`` is ``dL/dgate`` in the accumulation dtype of the input (float32
+        for half types); ``needs`` says, for the pools and then each parameter, which
+        gradients are wanted.
+        """
+        ...
+
+
+class PooledGate(NamedTuple):
+    """A block's gate as the fused node computes it: ``gate = fn(avg[, max], *params)``.
+
+    Attributes:
+        fn: the gate of the pooled ``(N, C)`` vectors, ``(N, C)`` out (times the
+            block's gate scale). It must depend on nothing but its arguments and the
+            parameter-free ``modules`` it calls: the double-backward path calls it
+            again later, with the saved tensors.
+        params: the tensors ``fn`` takes after the pools (``None`` for a missing bias).
+        modules: the modules ``fn`` calls (activations, gates); each must be free of
+            parameters and buffers, or the block takes its plain path.
+        max_pool: whether ``fn`` also takes the global maximum (CBAM).
+        pool_dtype: the dtype the mean is rounded to next, for
+            :func:`~attnblocks.blocks._ops.global_avg_pool_for`; ``None`` uses
+            :func:`~attnblocks.blocks._ops.global_avg_pool`, as the plain path does.
+        rule: a hand-written derivative of ``fn``, or ``None`` for autograd.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    params: tuple[torch.Tensor | None, ...]
+    modules: tuple[nn.Module, ...] = ()
+    max_pool: bool = False
+    pool_dtype: torch.dtype | None = None
+    rule: GateRule | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# When the fused node may run: every rule in one place.
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
+def _function_transform_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) or forward-mode AD is on."""
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch_active is not None and functorch_active():
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def _has_global_module_hooks() -> bool:
+    # Hooks registered with torch.nn.modules.module.register_module_forward_hook and
+    # friends would be called for the submodules on the plain path but not the fused one.
+    module_globals = torch.nn.modules.module
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(module_globals, name, None) for name in names)
+
+
+def _has_submodule_hooks(module: nn.Module) -> bool:
+    """Whether any module below ``module`` (not ``module`` itself) has a hook."""
+    for child in module._modules.values():
+        if child is None:
+            continue
+        if (
+            child._forward_hooks
+            or child._forward_pre_hooks
+            or child._backward_hooks
+            or child._backward_pre_hooks
+        ):
+            return True
+        if child._modules and _has_submodule_hooks(child):
+            return True
+    return False
+
+
+def _is_stateless(module: nn.Module) -> bool:
+    """Whether ``module`` and its children hold no parameters and no buffers."""
+    if module._parameters or module._buffers:
+        return False
+    return all(child is None or _is_stateless(child) for child in module._modules.values())
+
+
+def fused_allowed(block: nn.Module) -> bool:
+    """Whether ``block`` may use the fused node now (before looking at its gate).
+
+    No when: there is nothing to differentiate for (grad mode off), the block's
+    ``fast_path`` is False, ``torch.jit`` scripts or traces, ``torch.export`` exports
+    (both record the plain modules, as users expect), a ``torch.func`` transform or
+    forward-mode AD is active (the node has no vmap or jvp rule), or module hooks
+    exist, global ones or on any submodule of the block (the plain path would call
+    them, the fused one would not). The block's own hooks are fine: they wrap
+    ``forward``.
+    """
+    if not torch.is_grad_enabled() or not getattr(block, "fast_path", True):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or _is_exporting():
+        return False
+    if _function_transform_active() or _has_global_module_hooks():
+        return False
+    return not _has_submodule_hooks(block)
+
+
+def try_fused(
+    block: nn.Module, x: torch.Tensor, describe: Callable[[torch.Tensor], PooledGate | None]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x * gate, gate)`` from the fused node, or ``None``: then take the plain path.
+
+    Args:
+        block: the calling block (its ``fast_path`` and submodules are checked, see
+            :func:`fused_allowed`).
+        x: the block's input.
+        describe: given ``x``, returns the block's gate as a :class:`PooledGate`, or ``None`` when
+            the gate is not one the node can compute exactly as the plain modules do
+            (say, a layer of another type than the block built).
+
+    Beyond :func:`fused_allowed`, the node runs only if ``x`` or a parameter of the
+    gate needs a gradient (without a backward pass it saves nothing), the modules
+    the gate calls are stateless, and, while ``torch.compile`` traces, only for a
+    gate with a hand-written derivative (dynamo cannot trace the autograd call).
+    The returned gate is detached (for the block's gate hooks).
+    """
+    if not fused_allowed(block):
+        return None
+    gate = describe(x)
+    if gate is None or not all(_is_stateless(m) for m in gate.modules):
+        return None
+    if gate.rule is None and torch.compiler.is_compiling():
+        return None
+    if not x.requires_grad and not any(p is not None and p.requires_grad for p in gate.params):
+        return None
+    out, values = ChannelGateFunction.apply(x, gate, *gate.params)
+    return out, values
+
+
+# ---------------------------------------------------------------------------------------
+# The node.
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to is a no-op for the same dtype, but the call alone costs a microsecond.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _pool(x: torch.Tensor, gate: PooledGate) -> tuple[torch.Tensor, ...]:
+    dtype = gate.pool_dtype
+    avg = global_avg_pool(x) if dtype is None else global_avg_pool_for(x, dtype)
+    return (avg, global_max_pool(x)) if gate.max_pool else (avg,)
+
+
+def _scale_by(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return _cast(gate, x.dtype).view(gate.shape + (1,) * (x.dim() - 2))
+
+
+class ChannelGateFunction(torch.autograd.Function):
+    """``x * gate.fn(pool(x), *params)`` with a fused backward.
+
+    ``apply(x, gate, *gate.params)`` returns ``(out, gate_values)``: the re-weighted map
+    and the ``(N, C)`` gate (not differentiable; for the block's gate hooks).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: torch.Tensor, gate: PooledGate, *params: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = _pool(x, gate)
+        inner: _Recorded | None = None
+        if gate.rule is not None:
+            values, saved = gate.rule.forward(pooled, params)
+        else:
+            # Record the gate function on detached pools: the backward differentiates
+            # this small graph with torch.autograd.grad.
+            with torch.enable_grad():
+                leaves = tuple(p.detach().requires_grad_(True) for p in pooled)
+                recorded = gate.fn(*leaves, *params)
+            values, saved, inner = recorded.detach(), (), (leaves, params, recorded)
+        gate_x = _scale_by(x, values)
+        maximum = pooled[1] if gate.max_pool else None
+        ctx.save_for_backward(x, gate_x, maximum, *params, *saved)  # type: ignore[arg-type]
+        ctx.gate = gate  # type: ignore[attr-defined]
+        ctx.inner = inner  # type: ignore[attr-defined]
+        ctx.num_params = len(params)  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(values)
+        return x * gate_x, values
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: torch.Tensor, grad_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, gate_x, maximum, *rest = ctx.saved_tensors
+        gate: PooledGate = ctx.gate
+        params, saved = tuple(rest[: ctx.num_params]), tuple(rest[ctx.num_params :])
+        need_x, *need_params = ctx.needs_input_grad[0:1] + ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, e.g. a gradient penalty): the fused
+            # backward is not differentiable, so differentiate a recomputed forward.
+            return _backward_by_autograd(x, gate, params, (need_x, *need_params), grad_out)
+
+        dot, buffer = _spatial_dot(grad_out, x)  # dL/dgate, (N, C)
+        num_pools = 2 if gate.max_pool else 1
+        needs = (need_x,) * num_pools + tuple(need_params)
+        if gate.rule is not None:
+            grad_pooled, grad_params = gate.rule.backward(saved, params, dot, needs)
+        else:
+            grad_pooled, grad_params = _autograd_backward(ctx.inner, dot, needs)
+        grad_x = None
+        if need_x:
+            grad_x = _grad_input(grad_out, x, gate_x, grad_pooled[0], buffer)
+            if gate.max_pool and grad_pooled[1] is not None:
+                _add_max_grad(grad_x, x, maximum, grad_pooled[1])
+        return (grad_x, None, *grad_params)
+
+
+def _autograd_backward(
+    inner: _Recorded, grad_gate: torch.Tensor, needs: tuple[bool, ...]
+) -> tuple[Grads, Grads]:
+    # The inputs as recorded, not as unpacked from ctx.saved_tensors: the graph was
+    # built on these objects.
+    leaves, params, recorded = inner
+    inputs = (*leaves, *params)
+    wanted = [
+        need and t is not None and t.requires_grad for t, need in zip(inputs, needs, strict=True)
+    ]
+    targets = [t for t, want in zip(inputs, wanted, strict=True) if want and t is not None]
+    grads: Grads = ()
+    if targets:
+        # retain_graph: the outer graph may be retained and run backward again.
+        grads = torch.autograd.grad(
+            recorded,
+            targets,
+            _cast(grad_gate, recorded.dtype),
+            retain_graph=True,
+            allow_unused=True,
+        )
+    found = iter(grads)
+    out = tuple(next(found) if want else None for want in wanted)
+    return out[: len(leaves)], out[len(leaves) :]
+
+
+def _backward_by_autograd(
+    x: torch.Tensor,
+    gate: PooledGate,
+    params: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    with torch.enable_grad():
+        out = x * _scale_by(x, gate.fn(*_pool(x, gate), *params))
+    inputs = (x, *params)
+    wanted = [need and t is not None for t, need in zip(inputs, needs, strict=True)]
+    targets = [t for t, want in zip(inputs, wanted, strict=True) if want and t is not None]
+    grads = iter(torch.autograd.grad(out, targets, grad_out, create_graph=True, allow_unused=True))
+    grad_x, *grad_params = (next(grads) if want else None for want in wanted)
+    return (grad_x, None, *grad_params)
+
+
+# ---------------------------------------------------------------------------------------
+# The passes over the map.
+
+# Below this many spatial positions, the batch-norm kernel's per-channel overhead
+# outweighs the saved pass (measured on CPU, float32: slower at 4x4, faster at 8x8).
+_MIN_DOT_SPATIAL = 64
+
+
+def _spatial_dot(
+    grad_out: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum over spatial dims of grad_out * x``, shape ``(N, C)``, float32 for half types.
+
+    Also returns the full-size buffer it used, if any, for the caller to reuse.
+    """
+    n, c = x.shape[:2]
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.numel() >= _MIN_DOT_SPATIAL * n * c > 0
+        and x.is_contiguous()
+        and grad_out.is_contiguous()
+    ):
+        # One read of each operand, no (N, C, *spatial) product: viewed as (1, N*C, HW),
+        # the batch-norm backward's per-channel sum(grad * (input - mean) * invstd) with
+        # mean 0 and invstd 1 is exactly the per-(sample, channel) dot product we need.
+        rows = n * c
+        zeros, ones = x.new_zeros(rows), x.new_ones(rows)
+        dot = _aten.native_batch_norm_backward.default(
+            grad_out.view(1, rows, -1),
+            x.view(1, rows, -1),
+            None,
+            None,
+            None,
+            zeros,
+            ones,
+            True,
+            0.0,
+            [False, True, False],
+        )[1]
+        return dot.view(n, c), None
+    cpu = x.device.type == "cpu"
+    if x.dtype == torch.float16 and cpu:
+        # float16 sums can overflow, so float32 sums, chunked: a full-size float32
+        # temporary costs more than the saved buffer.
+        return spatial_dot(grad_out, x), None
+    product = grad_out * x
+    spatial = spatial_dims_of(x)
+    if x.dtype == torch.bfloat16 and cpu:
+        # PyTorch's CPU sum of bfloat16 accumulates in float32 and rounds once at the end,
+        # and bfloat16 has float32's range, so the sum can stay in bfloat16: asking for a
+        # float32 result instead makes a float32 copy of the whole product first (measured
+        # at (256, 32, 32, 32), channels_last: 1.05 ms against 2.7 ms chunked).
+        return product.sum(dim=spatial).float(), product
+    return product.sum(dim=spatial, dtype=_accumulate_dtype(x.dtype)), product
+
+
+def _grad_input(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    gate_x: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    buffer: torch.Tensor | None,
+) -> torch.Tensor:
+    """``grad_out * gate + broadcast(grad_z) / HW``: both gradients of ``x`` at once.
+
+    Written into ``buffer`` (a free tensor shaped like ``grad_out``) when one is given,
+    which saves an allocation: on CPU a fresh large tensor costs a page fault per page.
+    """
+    if grad_z is None:  # the gate does not depend on the mean
+        return torch.mul(grad_out, gate_x, out=buffer)
+    shift = _cast(_cast(grad_z, _accumulate_dtype(x.dtype)) / math.prod(x.shape[2:]), x.dtype)
+    shift = shift.view(gate_x.shape)
+    if grad_out.dim() > 2 and grad_out.stride(1) == 1 and grad_out.shape[1] > 1:
+        # Channels are innermost: every operand is contiguous along the inner loop,
+        # and addcmul does it all in one vectorised pass.
+        return torch.addcmul(shift.expand_as(grad_out), grad_out, gate_x, out=buffer)
+    # Spatial dims are innermost: with two broadcast operands addcmul would fall back to
+    # a scalar loop, so multiply (one broadcast operand, vectorised) and add in place.
+    return torch.mul(grad_out, gate_x, out=buffer).add_(shift)
+
+
+def _add_max_grad(
+    grad_x: torch.Tensor, x: torch.Tensor, maximum: torch.Tensor, grad_max: torch.Tensor
+) -> None:
+    """Add the global max pool's gradient to ``grad_x``, in place.
+
+    As autograd's ``amax`` backward: ``grad_max`` split evenly between the positions
+    that hold the maximum (ReLU maps often tie at 0).
+    """
+    shape = maximum.shape + (1,) * (x.dim() - 2)
+    hits = x == _cast(maximum, x.dtype).view(shape)
+    count = hits.sum(dim=spatial_dims_of(x), dtype=grad_max.dtype)
+    share = _cast(grad_max / count, x.dtype).view(shape)
+    grad_x.addcmul_(hits, share)
