@@ -23,15 +23,26 @@ other activations have pushed the rest out of the cache, so the memory system do
 times the size of the cache (``--flush-mib``), times that one call alone, and the copy
 reference is flushed and timed the same way.
 
+``--blocks`` adds other attention blocks of attnblocks (default options) and, where timm
+has one, timm's implementation of the same block (its "twin", see ``TIMM_TWINS``), in the
+same rounds; a second table per case gives each block's speed-up over its twin.
+``--reference-se DIR`` adds ``SEBlock`` from another checkout of attnblocks (say, the
+main branch extracted with ``git archive``), for a paired before/after comparison.
+``--clock cpu`` times the CPU time of the calling thread instead of wall-clock time: on a
+machine shared with other jobs it leaves out the time the thread waits to be scheduled
+(use it with ``--threads 1``; with more threads the workers' time is not counted).
+
 Run ``python benchmarks/bench_se.py --help`` for the options; the README has the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +79,63 @@ def build_implementations(channels: int, reduction: int) -> dict[str, nn.Module]
     return impls
 
 
+def _timm_twins() -> dict[str, Callable[[int], nn.Module]]:
+    """timm's implementation of each attnblocks block, as ``name -> factory(channels)``.
+
+    Default options of timm 1.0.x, except where they do not build or compute another
+    block: ``GatherExcite(channels)`` fails to build in timm 1.0.x (its default MLP,
+    ``use_mlp=True``, passes its arguments to ``ConvMlp`` twice), and with
+    ``use_mlp=False`` it is GE-theta-minus with global extent, attnblocks' default;
+    ``GlobalContext`` fuses by multiplication by default, attnblocks' by addition, so
+    the twin gets ``fuse_add=True, fuse_scale=False`` and attnblocks' reduction 16.
+    """
+    try:
+        from timm.layers import EcaModule, GatherExcite, GlobalContext
+        from timm.layers.cbam import CbamModule
+        from timm.layers.coord_attn import CoordAttn
+    except ImportError:
+        print("# timm is not installed: skipping timm's twins of the blocks")
+        return {}
+    return {
+        "eca": lambda c: EcaModule(c),
+        "cbam": lambda c: CbamModule(c),
+        "ge": lambda c: GatherExcite(c, use_mlp=False),
+        "gc": lambda c: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16),
+        "coord": lambda c: CoordAttn(c),
+    }
+
+
+TIMM_TWINS = _timm_twins()
+
+
+def load_reference_se(directory: str) -> type[nn.Module]:
+    """``SEBlock`` of the attnblocks package in ``directory``, beside the one imported here.
+
+    The other copy is imported under the same package name with the current one's modules
+    set aside, then those are put back; the reference class keeps its own modules.
+    """
+    if not os.path.isfile(os.path.join(directory, "attnblocks", "__init__.py")):
+        raise SystemExit(f"--reference-se: no attnblocks package in {directory}")
+    saved = {
+        n: m for n, m in sys.modules.items() if n == "attnblocks" or n.startswith("attnblocks.")
+    }
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, directory)
+    try:
+        reference = importlib.import_module("attnblocks")
+        if not os.path.samefile(
+            os.path.dirname(reference.__file__ or ""), os.path.join(directory, "attnblocks")
+        ):
+            raise SystemExit(f"--reference-se: no attnblocks package in {directory}")
+        return reference.SEBlock
+    finally:
+        sys.path.remove(directory)
+        for name in [n for n in sys.modules if n == "attnblocks" or n.startswith("attnblocks.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 @dataclass
 class Case:
     shape: tuple[int, ...]
@@ -101,13 +169,17 @@ def _make_step(
     return forward_backward
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def _time(step: Callable[[], object], inner: int, device: torch.device) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(inner):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / inner
+    return (_clock() - start) / inner
 
 
 def make_flush(device: torch.device, mib: int) -> Callable[[], None]:
@@ -138,8 +210,14 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
     modules: dict[str, nn.Module | None] = {
         n: m for n, m in built.items() if args.impls is None or n in args.impls
     }
+    if args.reference_se_class is not None:
+        modules["attnblocks (reference)"] = args.reference_se_class(
+            channels, reduction=args.reduction
+        )
     for block in args.blocks:  # the rest of the attention family, default options
         modules[f"attnblocks {block}"] = attnblocks.create_block(block, channels)
+        if block in TIMM_TWINS:
+            modules[f"timm {block}"] = TIMM_TWINS[block](channels)
     for name, module in list(modules.items()):
         if module is not None:
             modules[name] = module.to(device=device, dtype=dtype, memory_format=fmt)
@@ -198,6 +276,7 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
                 "pct_copy": statistics.median(pct_copy),
                 "gbps": ideal * nbytes / median[name] / 1e9,
                 "fastest": fastest,
+                "samples": t,
             }
         )
     return rows
@@ -218,6 +297,32 @@ def print_table(case: Case, rows: list[dict[str, object]], args: argparse.Namesp
             f"| {row['impl']} | {row['median_ms']:.3f} | {row['iqr_ms']:.3f} | "
             f"{row['speedup']:.2f}x | {row['gbps']:.1f} | {row['pct_copy']:.0f} % |"
         )
+
+
+def print_pairs(case: Case, rows: list[dict[str, object]]) -> None:
+    """Each block against its twin (timm's, or the reference SEBlock): per-round ratios."""
+    by_name = {str(row["impl"]): row for row in rows}
+    pairs: list[tuple[str, str]] = []
+    for name in by_name:
+        if name.startswith("timm ") and f"attnblocks {name[5:]}" in by_name:
+            pairs.append((f"attnblocks {name[5:]}", name))
+    if "timm" in by_name:
+        pairs.insert(0, ("attnblocks", "timm"))
+    if "attnblocks (reference)" in by_name:
+        pairs.append(("attnblocks", "attnblocks (reference)"))
+    if not pairs:
+        return
+    shape = "x".join(str(s) for s in case.shape)
+    print(f"\n{shape}, {case.memory_format}, {case.mode}: each block against its twin\n")
+    print("| block | ms | twin | twin ms | speed-up (twin time / block time) |")
+    print("|---|---:|---|---:|---:|")
+    for mine, twin in pairs:
+        a, b = by_name[mine], by_name[twin]
+        ratio = statistics.median(
+            t / s
+            for s, t in zip(a["samples"], b["samples"], strict=True)  # type: ignore[call-overload]
+        )
+        print(f"| {mine} | {a['median_ms']:.3f} | {twin} | {b['median_ms']:.3f} | {ratio:.2f}x |")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -293,6 +398,20 @@ def main(argv: list[str] | None = None) -> None:
         "--blocks eca cbam, or --blocks all for every registered block (default: none)",
     )
     parser.add_argument(
+        "--reference-se",
+        default=None,
+        metavar="DIR",
+        help="also time SEBlock from the attnblocks package in DIR (another checkout), in "
+        "the same rounds",
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="'wall' (default): elapsed time; 'cpu': CPU time of the calling thread (use "
+        "with --threads 1 on a busy machine)",
+    )
+    parser.add_argument(
         "--malloc",
         default="default",
         choices=["default", "keep"],
@@ -305,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--blocks: unknown {unknown}; registered: {attnblocks.available_blocks()}")
 
+    args.reference_se_class = None
+    if args.reference_se is not None:
+        args.reference_se_class = load_reference_se(os.path.abspath(args.reference_se))
+    global _clock
+    _clock = CLOCKS[args.clock]
     if args.flush_mib < 1:
         parser.error(f"--flush-mib must be a positive number of MiB, got {args.flush_mib}")
     cache = "warm cache"
@@ -317,14 +441,17 @@ def main(argv: list[str] | None = None) -> None:
     modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]
     print(
         describe_machine(
-            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {cache}, {malloc}"
+            f"device {args.device}, dtype {args.dtype}, {args.rounds} rounds, {cache}, {malloc}, "
+            f"{args.clock} clock"
         )
     )
     for shape in args.shapes:
         for fmt in formats:
             for mode in modes:
                 case = Case(shape, fmt, mode)
-                print_table(case, run_case(case, args), args)
+                rows = run_case(case, args)
+                print_table(case, rows, args)
+                print_pairs(case, rows)
     print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -357,13 +357,7 @@ def _spatial_dot(
     Also returns the full-size buffer it used, if any, for the caller to reuse.
     """
     n, c = x.shape[:2]
-    if (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.numel() >= _MIN_DOT_SPATIAL * n * c > 0
-        and x.is_contiguous()
-        and grad_out.is_contiguous()
-    ):
+    if _rows_kernel_applies(grad_out, x):
         # One read of each operand, no (N, C, *spatial) product: viewed as (1, N*C, HW),
         # the batch-norm backward's per-channel sum(grad * (input - mean) * invstd) with
         # mean 0 and invstd 1 is exactly the per-(sample, channel) dot product we need.
@@ -398,6 +392,18 @@ def _spatial_dot(
     return product.sum(dim=spatial, dtype=_accumulate_dtype(x.dtype)), product
 
 
+def _rows_kernel_applies(grad_out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a CPU batch-norm kernel may treat ``(N, C, *spatial)`` as ``N*C`` rows."""
+    n, c = x.shape[:2]
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.numel() >= _MIN_DOT_SPATIAL * n * c > 0
+        and x.is_contiguous()
+        and grad_out.is_contiguous()
+    )
+
+
 def _grad_input(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -418,8 +424,27 @@ def _grad_input(
         # Channels are innermost: every operand is contiguous along the inner loop,
         # and addcmul does it all in one vectorised pass.
         return torch.addcmul(shift.expand_as(grad_out), grad_out, gate_x, out=buffer)
-    # Spatial dims are innermost: with two broadcast operands addcmul would fall back to
-    # a scalar loop, so multiply (one broadcast operand, vectorised) and add in place.
+    if buffer is None and _rows_kernel_applies(grad_out, x):
+        # Spatial dims innermost: viewed as (1, N*C, HW), batch norm in inference mode
+        # with mean 0, variance 1 and eps 0 is grad * weight + bias per row, one pass.
+        # Measured on one CPU thread, float32: 0.34 ms against 0.46 ms for the multiply
+        # and add at (64, 64, 16, 16); 0.99 ms against 1.5 ms at (64, 256, 14, 14).
+        rows = math.prod(x.shape[:2])
+        zeros, ones = x.new_zeros(rows), x.new_ones(rows)
+        out = torch.batch_norm(
+            grad_out.view(1, rows, -1),
+            gate_x.reshape(rows),
+            shift.reshape(rows),
+            zeros,
+            ones,
+            False,
+            0.0,
+            0.0,
+            False,
+        )
+        return out.view(grad_out.shape)
+    # Otherwise, with two broadcast operands addcmul would fall back to a scalar loop,
+    # so multiply (one broadcast operand, vectorised) and add in place.
     return torch.mul(grad_out, gate_x, out=buffer).add_(shift)
 
 

@@ -191,6 +191,17 @@ class MLPRule(NamedTuple):
     spec: FusedSpec
     gate_scale: float
 
+    def __call__(
+        self,
+        z: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor | None,
+        w2: torch.Tensor,
+        b2: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The gate with differentiable ops (the node's double-backward path)."""
+        return self.forward((z,), (w1, b1, w2, b2))[0]
+
     def forward(
         self, pooled: tuple[torch.Tensor, ...], params: _Params
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -272,6 +283,11 @@ def mlp_gate(
     if params[0] is None or params[2] is None:
         return None
 
+    spec = fused_spec(act, gate)
+    if spec is not None:  # the activation and gate are stateless built-in modules
+        rule = MLPRule(spec, gate_scale)
+        return PooledGate(rule, params, pool_dtype=pool_dtype, rule=rule)
+
     def fn(
         z: torch.Tensor,
         w1: torch.Tensor,
@@ -282,6 +298,4 @@ def mlp_gate(
         s = gate(F.linear(act(F.linear(_cast(z, w1.dtype), w1, b1)), w2, b2))
         return s * gate_scale if gate_scale != 1.0 else s
 
-    spec = fused_spec(act, gate)
-    rule = None if spec is None else MLPRule(spec, gate_scale)
-    return PooledGate(fn, params, modules=(act, gate), pool_dtype=pool_dtype, rule=rule)
+    return PooledGate(fn, params, modules=(act, gate), pool_dtype=pool_dtype)

@@ -28,6 +28,7 @@ from attnblocks.blocks._ops import (
 )
 from attnblocks.blocks._options import check_bool, check_init
 from attnblocks.blocks._registry import register_block
+from attnblocks.blocks._se_function import mlp_dtype
 
 __all__ = ["ECABlock", "eca_kernel_size"]
 
@@ -52,6 +53,29 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
     """
     t = int(abs(math.log2(channels) / gamma + beta / gamma))
     return t if t % 2 == 1 else t + 1
+
+
+def _channel_conv(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute: torch.dtype
+) -> torch.Tensor:
+    """``conv1d(z[:, None], weight, bias, padding=(k - 1) // 2)[:, 0]`` as ``k`` shifted sums.
+
+    The same convolution as the block's ``nn.Conv1d`` (inputs rounded to ``compute``,
+    the weights' or autocast's dtype, sums in float32 for half types, the result rounded
+    to ``compute`` once), with a much cheaper autograd backward: on one CPU thread, for
+    ``(64, 256)`` inputs and ``k = 5``, 0.23 ms forward + backward against 1.3 ms.
+    """
+    k = weight.shape[-1]
+    acc = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
+    w = weight.to(compute).to(acc).reshape(k)
+    zp = F.pad(z.to(compute).to(acc), ((k - 1) // 2, (k - 1) // 2))
+    channels = z.shape[-1]
+    out = zp[:, 0:channels] * w[0]
+    for j in range(1, k):
+        out = out + zp[:, j : j + channels] * w[j]
+    if bias is not None:
+        out = out + bias.to(compute).to(acc)
+    return out.to(compute)
 
 
 @register_block("eca")
@@ -193,14 +217,19 @@ class ECABlock(AttentionBlock):
     def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
         """The gate as the fused node computes it (``None``: call the submodules)."""
         conv, gate = self._modules["conv"], self._modules["gate"]
-        if type(conv) is not nn.Conv1d or conv.padding_mode != "zeros":
+        if (
+            type(conv) is not nn.Conv1d
+            or conv.padding_mode != "zeros"
+            or conv.stride != (1,)
+            or conv.dilation != (1,)
+            or conv.padding != ((conv.kernel_size[0] - 1) // 2,)
+        ):
             return None
-        scale = self.gate_scale
+        scale, device_type = self.gate_scale, x.device.type
 
         def fn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            z = to_dtype_of(z, weight).unsqueeze(1)
-            logits = F.conv1d(z, weight, bias, conv.stride, conv.padding, conv.dilation)
-            s = gate(logits.squeeze(1))  # type: ignore[misc]
+            z = to_dtype_of(z, weight)
+            s = gate(_channel_conv(z, weight, bias, mlp_dtype(weight.dtype, device_type)))  # type: ignore[misc]
             return s * scale if scale != 1.0 else s
 
         params = conv._parameters
