@@ -286,7 +286,7 @@ def mlp_gate(
     spec = fused_spec(act, gate)
     if spec is not None:  # the activation and gate are stateless built-in modules
         rule = MLPRule(spec, gate_scale)
-        return PooledGate(rule, params, pool_dtype=pool_dtype, rule=rule)
+        return PooledGate(rule, params, pool_dtype=pool_dtype, rule=rule)  # type: ignore[arg-type]
 
     def fn(
         z: torch.Tensor,
