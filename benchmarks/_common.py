@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import attnblocks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from se_cifar.system import keep_freed_memory as _keep_freed_memory
 
-__all__ = ["TutorialSE", "describe_machine", "keep_freed_memory"]
+__all__ = ["TutorialSE", "describe_machine", "keep_freed_memory", "timm_twins"]
 
 
 class TutorialSE(nn.Module):
@@ -74,3 +75,32 @@ def describe_machine(extra: str) -> str:
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {extra}, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+
+
+def timm_twins() -> dict[str, Callable[[int], nn.Module]]:
+    """timm's implementation of each attnblocks block, as ``name -> factory(channels)``.
+
+    Default options of timm 1.0.x, except where they do not build or compute another
+    block: ``GatherExcite(channels)`` fails to build in timm 1.0.x (its default MLP,
+    ``use_mlp=True``, passes its arguments to ``ConvMlp`` twice), and with
+    ``use_mlp=False`` it is GE-theta-minus with global extent, attnblocks' default;
+    ``GlobalContext`` fuses by multiplication by default, attnblocks' by addition, so
+    the twin gets ``fuse_add=True, fuse_scale=False`` and attnblocks' reduction 16; SE
+    gets attnblocks' reduction 16 without rounding the width to a multiple of 8.
+    Empty when timm is not installed.
+    """
+    try:
+        from timm.layers import EcaModule, GatherExcite, GlobalContext, SEModule
+        from timm.layers.cbam import CbamModule
+        from timm.layers.coord_attn import CoordAttn
+    except ImportError:
+        print("# timm is not installed: skipping timm's twins of the blocks")
+        return {}
+    return {
+        "se": lambda c: SEModule(c, rd_ratio=1 / 16, rd_divisor=1),
+        "eca": lambda c: EcaModule(c),
+        "cbam": lambda c: CbamModule(c),
+        "ge": lambda c: GatherExcite(c, use_mlp=False),
+        "gc": lambda c: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16),
+        "coord": lambda c: CoordAttn(c),
+    }

@@ -12,6 +12,11 @@ variants of a model share the baseline's weights and run in the same process in
 interleaved rounds; ratios to the baseline are taken within each round and the median
 over rounds is reported.
 
+``--blocks NAME...`` adds, for each block, the variants ``attnblocks NAME`` (the block
+with default options, ``attnblocks.create_block``) and ``timm NAME`` (timm's twin, see
+``_common.timm_twins``) at the same places. ``--clock cpu`` times the CPU time of the
+calling thread (with ``--threads 1`` on a machine shared with other jobs).
+
 Optionally (``--insert-se``, on by default) times :func:`attnblocks.insert_se` on a
 resnet152 when this version of attnblocks has it.
 """
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import TutorialSE, describe_machine, keep_freed_memory
+from _common import TutorialSE, describe_machine, keep_freed_memory, timm_twins
 from torch import nn
 
 import attnblocks
@@ -37,7 +42,15 @@ VARIANTS = ("baseline", "attnblocks", "attnblocks (plain)", "tutorial")
 
 
 def make_se(variant: str, channels: int) -> nn.Module:
-    """One SE block of the given variant for ``channels`` channels, r = 16."""
+    """One SE block of the given variant for ``channels`` channels, r = 16.
+
+    ``"attnblocks NAME"`` and ``"timm NAME"`` give block NAME of attnblocks or timm instead.
+    """
+    source, _, block = variant.partition(" ")
+    if block and source == "attnblocks" and not block.startswith("("):
+        return attnblocks.create_block(block, channels)
+    if block and source == "timm":
+        return timm_twins()[block](channels)
     if variant == "tutorial":
         return TutorialSE(channels)
     block = attnblocks.SEBlock(channels, reduction=16)
@@ -107,11 +120,15 @@ def build_models(
     return models, (3, image_size, image_size)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def _timed(fn: Callable[[], object], repeats: int) -> float:
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats
+    return (_clock() - start) / repeats
 
 
 def bench_model(name: str, args: argparse.Namespace) -> None:
@@ -211,6 +228,19 @@ def main(argv: list[str] | None = None) -> None:
         help="models to time (default: tutorial_cnn resnet18 resnet50; none: only insert_se)",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--blocks",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="also time each of these attnblocks blocks and its timm twin (e.g. eca cbam)",
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="'wall' (default) or 'cpu' (CPU time of the calling thread; use --threads 1)",
+    )
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     parser.add_argument(
         "--image-size", type=int, default=64, help="ResNet input size (default 64; CNN: 32)"
@@ -240,10 +270,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
+    unknown = sorted(set(args.blocks) - set(attnblocks.available_blocks()))
+    if unknown:
+        parser.error(f"--blocks: unknown {unknown}; registered: {attnblocks.available_blocks()}")
+    twins = timm_twins()
+    for block in args.blocks:
+        args.variants.append(f"attnblocks {block}")
+        if block in twins:
+            args.variants.append(f"timm {block}")
+    global _clock
+    _clock = CLOCKS[args.clock]
 
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
-    print(describe_machine(f"{args.rounds} rounds of {args.steps} steps, {malloc}"))
+    print(
+        describe_machine(
+            f"{args.rounds} rounds of {args.steps} steps, {malloc}, {args.clock} clock"
+        )
+    )
     for name in args.models:
         bench_model(name, args)
     if args.insert_se:

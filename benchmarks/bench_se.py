@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import TutorialSE, describe_machine, keep_freed_memory
+from _common import TutorialSE, describe_machine, keep_freed_memory, timm_twins
 from torch import nn
 
 import attnblocks
@@ -79,33 +79,7 @@ def build_implementations(channels: int, reduction: int) -> dict[str, nn.Module]
     return impls
 
 
-def _timm_twins() -> dict[str, Callable[[int], nn.Module]]:
-    """timm's implementation of each attnblocks block, as ``name -> factory(channels)``.
-
-    Default options of timm 1.0.x, except where they do not build or compute another
-    block: ``GatherExcite(channels)`` fails to build in timm 1.0.x (its default MLP,
-    ``use_mlp=True``, passes its arguments to ``ConvMlp`` twice), and with
-    ``use_mlp=False`` it is GE-theta-minus with global extent, attnblocks' default;
-    ``GlobalContext`` fuses by multiplication by default, attnblocks' by addition, so
-    the twin gets ``fuse_add=True, fuse_scale=False`` and attnblocks' reduction 16.
-    """
-    try:
-        from timm.layers import EcaModule, GatherExcite, GlobalContext
-        from timm.layers.cbam import CbamModule
-        from timm.layers.coord_attn import CoordAttn
-    except ImportError:
-        print("# timm is not installed: skipping timm's twins of the blocks")
-        return {}
-    return {
-        "eca": lambda c: EcaModule(c),
-        "cbam": lambda c: CbamModule(c),
-        "ge": lambda c: GatherExcite(c, use_mlp=False),
-        "gc": lambda c: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16),
-        "coord": lambda c: CoordAttn(c),
-    }
-
-
-TIMM_TWINS = _timm_twins()
+TIMM_TWINS = timm_twins()
 
 
 def load_reference_se(directory: str) -> type[nn.Module]:
@@ -216,7 +190,7 @@ def run_case(case: Case, args: argparse.Namespace) -> list[dict[str, object]]:
         )
     for block in args.blocks:  # the rest of the attention family, default options
         modules[f"attnblocks {block}"] = attnblocks.create_block(block, channels)
-        if block in TIMM_TWINS:
+        if block in TIMM_TWINS and block != "se":
             modules[f"timm {block}"] = TIMM_TWINS[block](channels)
     for name, module in list(modules.items()):
         if module is not None:

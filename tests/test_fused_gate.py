@@ -332,8 +332,11 @@ def test_without_gradients_the_plain_path_runs(name: str) -> None:
     frozen = copy.deepcopy(block).requires_grad_(False)
     for out in (no_grad, inference, frozen(x)):
         assert out.grad_fn is None
-    expected = plain_twin(block)(x)
-    torch.testing.assert_close(no_grad, expected.detach(), rtol=0, atol=0)
+    expected = plain_twin(block)(x).detach()
+    if name.startswith("eca"):  # its gate function (shifted sums) replaces the convolution
+        assert_close_f32(no_grad, expected)
+    else:
+        torch.testing.assert_close(no_grad, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

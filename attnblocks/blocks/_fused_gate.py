@@ -175,7 +175,12 @@ def fused_allowed(block: nn.Module) -> bool:
     them, the fused one would not). The block's own hooks are fine: they wrap
     ``forward``.
     """
-    if not torch.is_grad_enabled() or not getattr(block, "fast_path", True):
+    return torch.is_grad_enabled() and _may_bypass_modules(block)
+
+
+def _may_bypass_modules(block: nn.Module) -> bool:
+    """:func:`fused_allowed` without its grad-mode rule."""
+    if not getattr(block, "fast_path", True):
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or _is_exporting():
         return False
@@ -185,7 +190,11 @@ def fused_allowed(block: nn.Module) -> bool:
 
 
 def try_fused(
-    block: nn.Module, x: torch.Tensor, describe: Callable[[torch.Tensor], PooledGate | None]
+    block: nn.Module,
+    x: torch.Tensor,
+    describe: Callable[[torch.Tensor], PooledGate | None],
+    *,
+    inference: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(x * gate, gate)`` from the fused node, or ``None``: then take the plain path.
 
@@ -196,6 +205,9 @@ def try_fused(
         describe: given ``x``, returns the block's gate as a :class:`PooledGate`, or ``None`` when
             the gate is not one the node can compute exactly as the plain modules do
             (say, a layer of another type than the block built).
+        inference: also without a backward pass, compute ``x * gate.fn(pools)``
+            directly (no autograd node) instead of returning ``None``: for a gate whose
+            ``fn`` is cheaper than the block's modules (ECA's convolution).
 
     Beyond :func:`fused_allowed`, the node runs only if ``x`` or a parameter of the
     gate needs a gradient (without a backward pass it saves nothing), the modules
@@ -203,14 +215,21 @@ def try_fused(
     gate with a hand-written derivative (dynamo cannot trace the autograd call).
     The returned gate is detached (for the block's gate hooks).
     """
-    if not fused_allowed(block):
+    grad_mode = torch.is_grad_enabled()
+    if not (grad_mode or inference) or not _may_bypass_modules(block):
         return None
     gate = describe(x)
     if gate is None or not all(_is_stateless(m) for m in gate.modules):
         return None
+    needs_grad = grad_mode and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in gate.params)
+    )
+    if not needs_grad:
+        if not inference:
+            return None
+        values = gate.fn(*_pool(x, gate), *gate.params)
+        return x * _scale_by(x, values), values
     if gate.rule is None and torch.compiler.is_compiling():
-        return None
-    if not x.requires_grad and not any(p is not None and p.requires_grad for p in gate.params):
         return None
     out, values = ChannelGateFunction.apply(x, gate, *gate.params)
     return out, values

@@ -204,7 +204,7 @@ class ECABlock(AttentionBlock):
         check_block_input(
             x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
         )
-        fused = try_fused(self, x, self._pooled_gate)
+        fused = try_fused(self, x, self._pooled_gate, inference=True)
         if fused is not None:
             out, gate = fused
             self._emit_gate(gate)
