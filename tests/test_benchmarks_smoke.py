@@ -107,3 +107,46 @@ def test_se_variants_of_the_tutorial_cnn_add_three_blocks() -> None:
     blocks = [m for m in with_se.modules() if type(m).__name__ == "SEBlock"]
     assert [b.channels for b in blocks] == [32, 64, 128]
     assert with_se(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bench_se_pairs_blocks_with_timm_twins_and_a_reference_se(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("timm")
+    import shutil
+
+    import attnblocks
+
+    # A second copy of the package stands in for another checkout (say, main's).
+    shutil.copytree(Path(attnblocks.__file__).parent, tmp_path / "attnblocks")
+    threads = str(torch.get_num_threads())
+    args = ["--shapes", "2,16,4,4", "--rounds", "2", "--sample-ms", "0.05", "--threads", threads]
+    extra = ["--memory-format", "contiguous", "--mode", "forward+backward", "--clock", "cpu"]
+    blocks = ["--blocks", "eca", "ge", "cbam", "scse", "--impls", "timm", "attnblocks"]
+    load("bench_se").main([*args, *extra, *blocks, "--reference-se", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "each block against its twin" in out and "cpu clock" in out
+    for name in ("eca", "ge", "cbam"):
+        assert f"| attnblocks {name} | " in out and f"| timm {name} | " in out
+    assert "| timm scse |" not in out  # no twin in timm
+    assert out.count("| attnblocks (reference) |") == 2  # its row in both tables
+    assert sys.modules["attnblocks"] is attnblocks  # the current package is back in place
+
+
+def test_bench_se_rejects_a_reference_without_attnblocks(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        load("bench_se").main(["--reference-se", str(tmp_path)])
+
+
+def test_bench_model_times_blocks_and_their_timm_twins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("timm")
+    threads = str(torch.get_num_threads())
+    args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
+    extra = ["--variants", "baseline", "--blocks", "eca", "scse", "--clock", "cpu"]
+    load("bench_model").main([*args, *extra, "--no-insert-se", "--threads", threads])
+    out = capsys.readouterr().out
+    for variant in ("attnblocks eca", "timm eca", "attnblocks scse"):
+        assert out.count(f"| {variant} |") == 2, variant
+    assert "| timm scse |" not in out
