@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
                 case = Case(shape, fmt, mode)
                 rows = run_case(case, args)
                 print_table(case, rows, args)
-                print_pairs(case, rows)
+                if args.blocks or args.reference_se_class is not None:
+                    print_pairs(case, rows)
     print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
 
 
