@@ -49,7 +49,14 @@ from attnblocks.blocks._ops import (
     spatial_dot,
 )
 
-__all__ = ["ChannelGateFunction", "GateRule", "PooledGate", "fused_allowed", "try_fused"]
+__all__ = [
+    "ChannelGateFunction",
+    "GateRule",
+    "PooledGate",
+    "fused_allowed",
+    "fused_gate_values",
+    "try_fused",
+]
 
 _aten = torch.ops.aten
 
@@ -233,6 +240,23 @@ def try_fused(
         return None
     out, values = ChannelGateFunction.apply(x, gate, *gate.params)
     return out, values
+
+
+def fused_gate_values(
+    block: nn.Module, x: torch.Tensor, describe: Callable[[torch.Tensor], PooledGate | None]
+) -> torch.Tensor | None:
+    """The ``(N, C)`` gate as ``try_fused(..., inference=True)`` computes it, or ``None``.
+
+    For a block whose ``excitation`` must return exactly the gate its forward applies
+    (ECA): ``None`` when the modules compute it (the same rules as :func:`try_fused`).
+    Differentiable (plain autograd, no fused node).
+    """
+    if not _may_bypass_modules(block):
+        return None
+    gate = describe(x)
+    if gate is None or not all(_is_stateless(m) for m in gate.modules):
+        return None
+    return gate.fn(*_pool(x, gate), *gate.params)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._fused_gate import PooledGate, try_fused
+from attnblocks.blocks._fused_gate import PooledGate, fused_gate_values, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
 from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
@@ -190,7 +190,9 @@ class ECABlock(AttentionBlock):
         check_block_input(
             x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
         )
-        return self._excitation(x)
+        # As forward computes it: the shifted-sum convolution unless the modules must run.
+        gate = fused_gate_values(self, x, self._pooled_gate)
+        return self._excitation(x) if gate is None else gate
 
     def _excitation(self, x: torch.Tensor) -> torch.Tensor:
         pooled = to_dtype_of(global_avg_pool(x), self.conv.weight)
