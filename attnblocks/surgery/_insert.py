@@ -9,8 +9,8 @@ from torch import nn
 
 from attnblocks._errors import SurgeryError
 from attnblocks.surgery._attach import attach_block, detach_block
-from attnblocks.surgery._prepare import prepare
-from attnblocks.surgery._probe import ExampleInput, run_probe
+from attnblocks.surgery._prepare import PreparedSite, prepare
+from attnblocks.surgery._probe import ExampleInput, OutputRecord, describe_example_input, run_probe
 from attnblocks.surgery._selectors import Selector
 
 __all__ = ["insert_attention", "insert_se"]
@@ -185,7 +185,11 @@ def _insert(
             attached.append((site.module, prep.attr))
         if example_input is not None and prep.sites:
             blocks = [site.block for site in prep.sites]
-            probe = run_probe(model, example_input, blocks, owner=owner)
+
+            def blame(index: int | None, record: OutputRecord | None, err: Exception) -> str:
+                return _check_failure(prep.sites, index, record, err, example_input, owner)
+
+            probe = run_probe(model, example_input, blocks, owner=owner, describe_failure=blame)
             for site, record in zip(prep.sites, probe.records, strict=True):
                 if record.calls != 1:
                     raise SurgeryError(
@@ -200,3 +204,32 @@ def _insert(
             detach_block(module, attr)
         raise
     return model
+
+
+def _check_failure(
+    sites: list[PreparedSite],
+    index: int | None,
+    record: OutputRecord | None,
+    err: Exception,
+    example_input: object,
+    owner: str,
+) -> str:
+    """The message for a forward pass that ran before the insertion and fails after it."""
+    text = str(err).strip()
+    failure = f"{type(err).__name__}: {text.rstrip('.')}"
+    if index is None:
+        return (
+            f"{owner}: after insertion, the forward pass with example_input "
+            f"{describe_example_input(example_input)} failed with {failure}. It ran "
+            "before the insertion, so an inserted block changed something the rest of "
+            "the model relies on. The insertion was undone."
+        )
+    site = sites[index]
+    shape = record.input_shape if record is not None else None
+    on = f" on the output of shape {shape}" if shape is not None else ""
+    return (
+        f"{owner}: after insertion, the {type(site.block).__name__} at {site.name!r} "
+        f"({type(site.module).__name__}) failed{on} with {failure}. The insertion was "
+        "undone; this block cannot gate that site's output: select another module or "
+        "use another block or block options."
+    )
