@@ -115,6 +115,27 @@ def _with_scripted_child() -> nn.Module:
     return model
 
 
+class ReturnsNone(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+class KeepsOneChannel(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+
+class BrokenConstructor(nn.Module):
+    def __init__(self, channels: int) -> None:
+        raise RuntimeError("constructor broke")
+
+
 class Failing(nn.Module):
     """A block class that builds fine and fails on every input."""
 
@@ -444,6 +465,41 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], t
         ["the GatherExciteBlock at '1' (BatchNorm2d) failed", "4x4", "insertion was undone"],
     ),
     (
+        "block-returns-none-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=ReturnsNone, example_input=X),
+        SurgeryError,
+        ["the ReturnsNone at '1' (BatchNorm2d) returned a NoneType", "input's shape", "undone"],
+    ),
+    (
+        "block-changes-the-shape-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=KeepsOneChannel, example_input=X),
+        SurgeryError,
+        ["KeepsOneChannel at '1' (BatchNorm2d) returned shape (2, 1, 8, 8)", "then failed"],
+    ),
+    (
+        "block-constructor-raises",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=BrokenConstructor),
+        InvalidArgumentError,
+        ["cannot build BrokenConstructor(8", "RuntimeError: constructor broke"],
+    ),
+    (
+        "strict-not-a-bool",
+        small_cnn,
+        lambda m: plan_se(m, ["1"], strict="no"),
+        InvalidArgumentError,
+        ["plan_se: strict must be True or False, got 'no'"],
+    ),
+    (
+        "huge-selector-quoted-short",
+        small_cnn,
+        lambda m: insert_se(m, ["x" * 100_000]),
+        SelectorError,
+        ["'xxxxxxxx", "...>", "matches no module"],
+    ),
+    (
         "leftover-hook-of-a-deleted-block",
         _with_deleted_block,
         lambda m: insert_se(m, ["1"]),
@@ -611,3 +667,13 @@ def test_lazy_models_take_blocks_whose_channels_the_module_tells() -> None:
     assert type(model[0]) is nn.Conv2d  # materialised by the user's own forward
     remove_se(model)
     assert not hasattr(model[0], "se") and not model[0]._forward_hooks
+
+
+def test_quoted_values_stay_short() -> None:
+    model = small_cnn()
+    with pytest.raises(SelectorError) as info:
+        insert_se(model, ["x" * 100_000])
+    assert len(str(info.value)) < 500
+    with pytest.raises(SelectorError, match="layers must be a list") as info:
+        insert_se(model, model)  # type: ignore[arg-type]
+    assert len(str(info.value)) < 500

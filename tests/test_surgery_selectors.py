@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from _models import TinyResNet, TutorialCNN
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from attnblocks import AttnBlocksError, SelectorError
@@ -115,6 +117,7 @@ def test_owner_appears_in_messages(resnet: TinyResNet) -> None:
         ("fc", r"layers must be a list of selectors, got 'fc'.*layers=\['fc'\]"),
         (nn.Conv2d, "layers must be a list"),
         ([], "layers is empty"),
+        (None, r"got None \(type NoneType\)\. Pass a list, e\.g\. layers=\["),
         ([3], r"got 3 \(type int\)"),
         ([None], r"got None \(type NoneType\)"),
         ([int], "int is not an nn.Module subclass"),
@@ -303,3 +306,59 @@ def test_many_unmatched_selectors_with_strict_false_stay_cheap(
     assert len(caught) == 6
     assert "295 more selectors match no module" in str(caught[-1].message)
     assert "'missing5'" in str(caught[-1].message)
+
+
+def _reference(model: nn.Module, layers: list[Any]) -> list[str]:
+    """The selector rules applied literally: every selector against every name."""
+
+    def hit(selector: Any, name: str, module: nn.Module) -> bool:
+        if isinstance(selector, str) and selector.startswith("re:"):
+            return name != "" and re.fullmatch(selector[3:], name) is not None
+        if isinstance(selector, str) and set(selector) & set("*?["):
+            return name != "" and fnmatch.fnmatchcase(name, selector)
+        if isinstance(selector, str):
+            return name == selector
+        if isinstance(selector, type):
+            return name != "" and isinstance(module, selector)
+        if isinstance(selector, nn.Module):
+            return module is selector
+        return name != "" and bool(selector(name, module))
+
+    chosen = {
+        id(module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if any(hit(s, name, module) for s in layers)
+    }
+    return [name for name, module in model.named_modules() if id(module) in chosen]
+
+
+_RESNET = TinyResNet()
+_NAMES = [name for name, _ in _RESNET.named_modules()]
+_MODULES = [module for _, module in _RESNET.named_modules()]
+
+
+@st.composite
+def _selector(draw: st.DrawFn) -> Any:
+    kind = draw(st.sampled_from(["name", "glob", "regex", "class", "object", "predicate"]))
+    name = draw(st.sampled_from(_NAMES))
+    if kind == "name":
+        return name if draw(st.booleans()) else name + "x"  # sometimes a miss
+    if kind == "glob":
+        chars = [draw(st.sampled_from([c, "*", "?"])) for c in name] or ["*"]
+        return "".join(chars)
+    if kind == "regex":
+        return "re:" + re.escape(name).replace(r"\.", draw(st.sampled_from([r"\.", "."])))
+    if kind == "class":
+        return type(draw(st.sampled_from(_MODULES)))
+    if kind == "object":
+        return draw(st.sampled_from(_MODULES))
+    suffix = name.rsplit(".", 1)[-1]
+    return lambda n, m: n.endswith(suffix)
+
+
+@given(layers=st.lists(_selector(), min_size=1, max_size=8))
+def test_resolution_agrees_with_the_literal_rules(layers: list[Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [name for name, _ in resolve_selectors(_RESNET, layers, strict=False)]
+    assert got == _reference(_RESNET, layers)

@@ -186,8 +186,8 @@ def _insert(
         if example_input is not None and prep.sites:
             blocks = [site.block for site in prep.sites]
 
-            def blame(index: int | None, record: OutputRecord | None, err: Exception) -> str:
-                return _check_failure(prep.sites, index, record, err, example_input, owner)
+            def blame(index: int | None, records: Sequence[OutputRecord], err: Exception) -> str:
+                return _check_failure(prep.sites, index, records, err, example_input, owner)
 
             probe = run_probe(model, example_input, blocks, owner=owner, describe_failure=blame)
             for site, record in zip(prep.sites, probe.records, strict=True):
@@ -199,6 +199,11 @@ def _insert(
                         "iterates over its own children. The insertion was undone; select "
                         "another module."
                     )
+                problem = _output_problem(site, record)
+                if problem is not None:
+                    raise SurgeryError(
+                        f"{owner}: after insertion, {problem} The insertion was undone."
+                    )
     except BaseException:
         for module, attr in reversed(attached):
             detach_block(module, attr)
@@ -206,10 +211,22 @@ def _insert(
     return model
 
 
+def _output_problem(site: PreparedSite, record: OutputRecord) -> str | None:
+    """Why a block's output in the check forward pass is wrong, or None if it is fine."""
+    if record.shape is not None and record.shape == record.input_shape:
+        return None
+    got = f"shape {record.shape}" if record.shape is not None else f"a {record.type_name}"
+    return (
+        f"the {type(site.block).__name__} at {site.name!r} ({type(site.module).__name__}) "
+        f"returned {got} for its input of shape {record.input_shape}; an attention block "
+        "must return a tensor of its input's shape."
+    )
+
+
 def _check_failure(
     sites: list[PreparedSite],
     index: int | None,
-    record: OutputRecord | None,
+    records: Sequence[OutputRecord],
     err: Exception,
     example_input: object,
     owner: str,
@@ -218,6 +235,13 @@ def _check_failure(
     text = str(err).strip()
     failure = f"{type(err).__name__}: {text.rstrip('.')}"
     if index is None:
+        for site, record in zip(sites, records, strict=True):
+            problem = _output_problem(site, record) if record.calls else None
+            if problem is not None:
+                return (
+                    f"{owner}: after insertion, {problem} The model then failed with "
+                    f"{failure}. The insertion was undone."
+                )
         return (
             f"{owner}: after insertion, the forward pass with example_input "
             f"{describe_example_input(example_input)} failed with {failure}. It ran "
@@ -225,7 +249,7 @@ def _check_failure(
             "the model relies on. The insertion was undone."
         )
     site = sites[index]
-    shape = record.input_shape if record is not None else None
+    shape = records[index].input_shape
     on = f" on the output of shape {shape}" if shape is not None else ""
     return (
         f"{owner}: after insertion, the {type(site.block).__name__} at {site.name!r} "

@@ -480,6 +480,11 @@ def prepare(
                 f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
                 f"module {site_name!r}: {err}"
             ) from None
+        except Exception as err:  # a third-party block's own failure (or memory)
+            raise InvalidArgumentError(
+                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+                f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
+            ) from err
         problem = _rank_problem(site_name, module, built, record)
         if problem is not None:
             raise SurgeryError(f"{owner}: {problem}")

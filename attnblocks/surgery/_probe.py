@@ -117,7 +117,7 @@ def run_probe(
     *,
     owner: str,
     count_macs: bool = False,
-    describe_failure: Callable[[int | None, OutputRecord | None, Exception], str] | None = None,
+    describe_failure: Callable[[int | None, Sequence[OutputRecord], Exception], str] | None = None,
 ) -> ProbeResult:
     """Run ``model`` once on ``example_input`` and record each module's output.
 
@@ -132,9 +132,9 @@ def run_probe(
             multiplications and convolutions (:mod:`torch.utils.flop_counter`).
         describe_failure: if given, a failing forward pass raises a
             :class:`~attnblocks.SurgeryError` with the message this returns, instead
-            of blaming ``example_input``. It is called with the index and record of
-            the innermost of ``modules`` that was running when the exception was
-            raised (None, None if none was) and the exception.
+            of blaming ``example_input``. It is called with the index of the
+            innermost of ``modules`` that was running when the exception was raised
+            (None if none was), the records so far and the exception.
 
     Returns:
         One :class:`OutputRecord` per module, in the given order.
@@ -179,12 +179,8 @@ def run_probe(
                 _call(model, example_input)
     except Exception as err:
         if describe_failure is not None:
-            if running:
-                culprit = running[-1]
-                message = describe_failure(culprit, result.records[culprit], err)
-            else:
-                message = describe_failure(None, None, err)
-            raise SurgeryError(message) from err
+            culprit = running[-1] if running else None
+            raise SurgeryError(describe_failure(culprit, result.records, err)) from err
         raise InvalidArgumentError(
             f"{owner}: the forward pass with example_input "
             f"{describe_example_input(example_input)} failed with {type(err).__name__}: "

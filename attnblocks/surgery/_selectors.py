@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from attnblocks._errors import SelectorError
+from attnblocks.blocks._options import check_bool
 
 __all__ = ["Selector", "describe_selector", "resolve_selectors"]
 
@@ -55,6 +56,13 @@ _MAX_SUGGESTIONS = 5
 # are listed together in one warning.
 _MAX_DETAILED_WARNINGS = 5
 _MAX_REPR = 60
+_MAX_QUOTE = 120  # longest repr of a user's value quoted in a message
+
+
+def _quote(value: object) -> str:
+    """``repr(value)`` for a message, cut to one short line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 5] + " ...>"
 
 
 def describe_module(module: nn.Module) -> str:
@@ -81,7 +89,7 @@ def describe_selector(selector: object) -> str:
     ("'layer*.bn3'", 'class torch.nn.modules.conv.Conv2d')
     """
     if isinstance(selector, str):
-        return repr(selector)
+        return _quote(selector)
     if isinstance(selector, type):
         return f"class {selector.__module__}.{selector.__qualname__}"
     if isinstance(selector, nn.Module):
@@ -156,7 +164,7 @@ class _Matcher:
             raise SelectorError(
                 f"{owner}: a selector must be a module name, a glob, an 're:' regex, an "
                 "nn.Module subclass, an nn.Module object of the model or a predicate "
-                f"(name, module) -> bool; got {selector!r} (type {type(selector).__name__})."
+                f"(name, module) -> bool; got {_quote(selector)} (type {type(selector).__name__})."
             )
 
     def matches(self, name: str, module: nn.Module) -> bool:
@@ -182,7 +190,7 @@ class _Matcher:
         if not isinstance(result, bool):
             raise SelectorError(
                 f"{self.owner}: the {describe_selector(self.selector)} must return True "
-                f"or False, but returned {result!r} (type {type(result).__name__}) for "
+                f"or False, but returned {_quote(result)} (type {type(result).__name__}) for "
                 f"module {name!r}."
             )
         return result
@@ -260,11 +268,19 @@ def resolve_selectors(
     if not isinstance(model, nn.Module):
         raise SelectorError(f"{owner}: model must be an nn.Module, got {type(model).__name__}.")
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise SelectorError(
-            f"{owner}: layers must be a list of selectors, got {layers!r} "
-            f"(type {type(layers).__name__}). Wrap a single selector in a list, "
-            f"e.g. layers=[{layers!r}]."
+        single = isinstance(layers, (str, type, nn.Module)) or (
+            callable(layers) and not isinstance(layers, type)
         )
+        hint = (
+            f" Wrap a single selector in a list, e.g. layers=[{_quote(layers)}]."
+            if single
+            else " Pass a list, e.g. layers=['layer1.0.bn2', nn.BatchNorm2d]."
+        )
+        raise SelectorError(
+            f"{owner}: layers must be a list of selectors, got {_quote(layers)} "
+            f"(type {type(layers).__name__}).{hint}"
+        )
+    check_bool(strict, "strict", owner=owner)
     if len(layers) == 0:
         raise SelectorError(
             f"{owner}: layers is empty; pass at least one selector (a module name, a "
