@@ -5,7 +5,7 @@ output of chosen modules of an existing model, :func:`remove_se` /
 :func:`remove_attention` take them out again, and :func:`plan_se` /
 :func:`plan_attention` show what an insertion would do without doing it. Modules
 are chosen with selectors (:func:`resolve_selectors`): names, globs, ``"re:"``
-regexes, module classes or predicates.
+regexes, module classes, module objects or predicates.
 """
 
 from attnblocks.surgery._insert import insert_attention, insert_se

@@ -39,8 +39,9 @@ def insert_attention(
 
     Everything is checked before anything changes, so a call that raises leaves
     the model exactly as it was. With ``example_input``, the model is also run once
-    more after the insertion to check that each block runs exactly once; if not,
-    the insertion is undone and an error is raised.
+    more after the insertion to check that each block runs exactly once and
+    returns a tensor of its input's shape; if not, or if a block fails, the
+    insertion is undone and an error naming the block and its site is raised.
 
     Args:
         model: the model to modify (an eager ``nn.Module``; a
@@ -49,7 +50,8 @@ def insert_attention(
             ``model.named_modules()`` (``"layer1.0.bn2"``), ``fnmatch`` globs
             (``"layer*.*.bn3"``; ``*`` also matches dots), regexes prefixed with
             ``"re:"`` matched against the whole name, ``nn.Module`` classes (every
-            instance) and predicates ``(name, module) -> bool``. Every selector
+            instance), ``nn.Module`` objects of the model (``model.layer1[0].bn2``,
+            by identity) and predicates ``(name, module) -> bool``. Every selector
             must match at least one module.
         block: a registered block name (see :func:`attnblocks.available_blocks`) or
             a block class taking ``(channels, **options)``.

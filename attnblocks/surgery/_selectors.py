@@ -237,10 +237,11 @@ def resolve_selectors(
     Args:
         model: the model to search.
         layers: a list of selectors (names, globs, ``"re:"`` regexes, module classes,
-            predicates), mixed freely. See the module docstring for each kind.
+            module objects, predicates), mixed freely. See the module docstring for
+            each kind.
         strict: if True, a selector that matches nothing raises a
             :class:`~attnblocks.SelectorError`; if False, it issues a warning and is
-            skipped.
+            skipped (past five such selectors, one warning lists the rest).
         owner: the public function on whose behalf the selectors are resolved, used
             in messages.
 
@@ -251,7 +252,10 @@ def resolve_selectors(
 
     Raises:
         SelectorError: if ``layers`` is not a list of selectors, a selector is
-            malformed, or (with ``strict=True``) a selector matches nothing.
+            malformed (a predicate that cannot take ``(name, module)``, raises or
+            returns a non-bool included), or (with ``strict=True``) a selector
+            matches nothing.
+        InvalidArgumentError: if ``strict`` is not a bool.
 
     Example:
         >>> from torch import nn
