@@ -363,6 +363,7 @@ def prepare(
         device, dtype = _placement(module, record, model) if place else (None, None)
         if device is not None:
             built = _place(built, device, dtype, reinit=init == "identity")
+        built.train(module.training)  # the block runs in its host's mode
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
         shape = record.shape if record is not None else None
         sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
