@@ -26,6 +26,7 @@ from attnblocks.surgery._attach import (
 )
 from attnblocks.surgery._channels import infer_channels, infer_spatial_ranks, is_channels_last_norm
 from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
+from attnblocks.surgery._record import remember_insertion
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
@@ -123,6 +124,28 @@ def _placement(
         if source is module and record is not None and record.dtype is not None:
             return record.device, record.dtype
     return None, None
+
+
+def _place(
+    block: nn.Module, device: torch.device, dtype: torch.dtype | None, *, reinit: bool
+) -> nn.Module:
+    """Move ``block`` to ``device``/``dtype``; an identity block is re-initialised there.
+
+    An identity start may cancel values computed at construction (in the default
+    dtype, on the CPU); recomputing them where the block will run keeps it exact.
+    """
+
+    def where() -> tuple[torch.dtype, torch.device] | None:
+        first = next(iter(block.parameters()), None)
+        return None if first is None else (first.dtype, first.device)
+
+    before = where()
+    block = block.to(device=device, dtype=dtype)
+    moved = before is not None and where() != before
+    reset = getattr(block, "reset_parameters", None)
+    if reinit and moved and callable(reset):
+        reset()
+    return block
 
 
 def _site_problem(
@@ -490,7 +513,9 @@ def prepare(
             raise SurgeryError(f"{owner}: {problem}")
         device, dtype = _placement(module, record, model) if place else (None, None)
         if device is not None:
-            built = built.to(device=device, dtype=dtype)
+            built = _place(built, device, dtype, reinit=init == "identity")
+        built.train(module.training)  # the block runs in its host's mode
+        remember_insertion(built, block_name, init, options, channels)
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
         shape = record.shape if record is not None else None
         sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
