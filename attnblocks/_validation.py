@@ -57,7 +57,7 @@ def check_positive_number(value: object, name: str, *, owner: str) -> float:
 
 
 def check_reduction(value: object, *, owner: str) -> float:
-    """Return a block's ``reduction`` ratio as a ``float``: finite, > 0 and >= ``1 / MAX_EXPANSION``.
+    """Return a block's ``reduction`` as a ``float``: finite, > 0 and >= ``1 / MAX_EXPANSION``.
 
     A ratio below 1 widens the hidden layer (``reduction=0.5`` doubles it); below
     ``1 / MAX_EXPANSION`` it is refused. Pass ``hidden_channels`` for an exact width.

@@ -494,7 +494,7 @@ def test_register_block_refuses_bad_names_and_leaves_the_registry_alone(
 )
 def test_register_block_refuses_what_is_not_a_module_class(factory: object) -> None:
     before = available_blocks()
-    with pytest.raises(InvalidArgumentError, match="nn.Module subclasses"):
+    with pytest.raises(InvalidArgumentError, match=r"nn\.Module subclasses"):
         register_block("contract_probe")(factory)  # type: ignore[type-var]
     assert available_blocks() == before
     # the registry still serves every block, by name and by class

@@ -185,10 +185,8 @@ class CBAMBlock(AttentionBlock):
         avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined))
         mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
         maps = to_dtype_of(torch.cat([avg, mx], dim=1), self.spatial_conv.weight)
-        if has_zero_extent(maps):  # no positions to convolve: an empty (N, 1, H, W) map
-            logits = maps[:, :1]
-        else:
-            logits = self.spatial_conv(maps)
+        # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
+        logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
         gate = self.gate(logits)
         if self.gate_scale != 1.0:
             gate = gate * self.gate_scale
