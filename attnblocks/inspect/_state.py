@@ -23,24 +23,21 @@ __all__ = ["eval_mode"]
 def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Context manager: ``model.eval()`` inside, each module's own mode restored on exit.
 
-        Args:
-            model: the model.
-            enabled: when ``False`` the model is left exactly as it is (convenient for
-                functions with an ``eval_mode=`` switch).
+    Args:
+        model: the model.
+        enabled: when ``False`` the model is left exactly as it is (convenient for
+            functions with an ``eval_mode=`` switch).
 
-        Example:
-            >>> from attnblocks.inspect import eval_mode
-            >>> from torch import nn
-
-    from attnblocks._errors import InvalidArgumentError
-    from attnblocks.blocks._options import check_bool
-            >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-            >>> _ = net[1].eval()  # a mixed state: the model trains, its batch norm does not
-            >>> with eval_mode(net):
-            ...     net.training, net[0].training
-            (False, False)
-            >>> net.training, net[0].training, net[1].training
-            (True, True, False)
+    Example:
+        >>> from attnblocks.inspect import eval_mode
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()  # a mixed state: the model trains, its batch norm does not
+        >>> with eval_mode(net):
+        ...     net.training, net[0].training
+        (False, False)
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(
