@@ -396,6 +396,8 @@ def test_non_tensor_input_is_rejected() -> None:
         ({"channels": 8, "reduction": 0}, r"reduction must be a finite number > 0, got 0"),
         ({"channels": 8, "reduction": -2}, r"got -2"),
         ({"channels": 8, "reduction": "16"}, r"reduction must be a positive number, got '16'"),
+        ({"channels": 8, "reduction": 1e-19}, r"reduction=1e-19 .*at least 1/64"),
+        ({"channels": 8, "reduction": float("nan")}, r"reduction must be a finite number > 0"),
         ({"channels": 8, "hidden_channels": 0}, r"hidden_channels must be a positive int"),
         ({"channels": 8, "gate": "softmax"}, r"unknown gate 'softmax'.*hard_sigmoid.*sigmoid"),
         ({"channels": 8, "activation": "nope"}, r"unknown activation 'nope'.*relu"),

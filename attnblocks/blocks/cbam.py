@@ -21,6 +21,7 @@ from attnblocks.blocks._ops import (
     check_block_input,
     global_avg_pool,
     global_max_pool,
+    has_zero_extent,
     match_memory_format,
     to_dtype_of,
 )
@@ -185,7 +186,9 @@ class CBAMBlock(AttentionBlock):
         avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined))
         mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
         maps = to_dtype_of(torch.cat([avg, mx], dim=1), self.spatial_conv.weight)
-        gate = self.gate(self.spatial_conv(maps))
+        # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
+        logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
+        gate = self.gate(logits)
         if self.gate_scale != 1.0:
             gate = gate * self.gate_scale
         return gate

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
+from attnblocks._validation import (
+    check_feature_map,
+    check_positive_int,
+    check_positive_number,
+    check_reduction,
+)
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
@@ -37,8 +42,10 @@ def se_hidden_channels(channels: int, reduction: float) -> int:
     >>> from attnblocks.blocks import se_hidden_channels
     >>> se_hidden_channels(64, 16), se_hidden_channels(8, 16), se_hidden_channels(100, 8)
     (4, 1, 12)
+
+    ``reduction`` must be at least ``1 / 64`` (a hidden layer at most 64 times as wide).
     """
-    return max(1, int(channels / reduction))
+    return max(1, int(channels / check_reduction(reduction, owner="SEBlock")))
 
 
 #: ``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)``; the biases are ``None`` with ``bias=False``.
