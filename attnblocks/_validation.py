@@ -12,7 +12,18 @@ import torch
 
 from attnblocks._errors import ChannelMismatchError, InvalidArgumentError, InvalidInputError
 
-__all__ = ["check_feature_map", "check_positive_int", "check_positive_number"]
+__all__ = [
+    "MAX_EXPANSION",
+    "check_feature_map",
+    "check_positive_int",
+    "check_positive_number",
+    "check_reduction",
+]
+
+#: The widest hidden layer a ``reduction`` may ask for, in multiples of the channels
+#: (``reduction >= 1 / MAX_EXPANSION``): far beyond any published block, small enough
+#: that a typo such as ``reduction=1e-19`` is an error, not an overflow or a huge allocation.
+MAX_EXPANSION = 64
 
 
 def check_positive_int(value: object, name: str, *, owner: str) -> int:
@@ -43,6 +54,29 @@ def check_positive_number(value: object, name: str, *, owner: str) -> float:
     if not as_float > 0 or as_float == float("inf"):
         raise InvalidArgumentError(f"{owner}: {name} must be a finite number > 0, got {value!r}.")
     return as_float
+
+
+def check_reduction(value: object, *, owner: str) -> float:
+    """Return a block's ``reduction`` as a ``float``: finite, > 0 and >= ``1 / MAX_EXPANSION``.
+
+    A ratio below 1 widens the hidden layer (``reduction=0.5`` doubles it); below
+    ``1 / MAX_EXPANSION`` it is refused. Pass ``hidden_channels`` for an exact width.
+
+    >>> check_reduction(0.5, owner="X")
+    0.5
+    >>> check_reduction(1e-19, owner="X")
+    Traceback (most recent call last):
+    ...
+    attnblocks._errors.InvalidArgumentError: X: reduction=1e-19 would make the hidden layer ...
+    """
+    ratio = check_positive_number(value, "reduction", owner=owner)
+    if ratio * MAX_EXPANSION < 1:
+        raise InvalidArgumentError(
+            f"{owner}: reduction={value!r} would make the hidden layer {1 / ratio:.3g} times "
+            f"as wide as the input; reduction must be at least 1/{MAX_EXPANSION} "
+            f"({1 / MAX_EXPANSION}). Pass hidden_channels for an exact width."
+        )
+    return ratio
 
 
 def check_feature_map(

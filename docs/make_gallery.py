@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         "SE-CNN": grad_cam(se_net, images, targets, "layer2"),
     }
     titles = [CLASSES[t] for t in targets.tolist()]
-    save(gradcam_overlay(images, cams, titles=titles, mean=MEAN, std=STD), "gradcam_overlay")
+    save(
+        gradcam_overlay(images, cams, titles=titles, normalize="image", mean=MEAN, std=STD),
+        "gradcam_overlay",
+    )
 
     # a CBAM-CNN: the plain CNN with CBAM inserted after every stage's batch norm
     torch.manual_seed(args.seed)

@@ -19,6 +19,8 @@ What a block promises (see :class:`attnblocks.AttentionBlock`):
   record exactly what ``excitation(x)`` and ``spatial_map(x)`` return;
 * every parameter receives gradient;
 * deepcopy, pickle and ``state_dict`` round trips give the same function;
+* an input with a spatial size of 0 gives an empty output of the same shape, in
+  training and eval mode, without touching the block's parameters or statistics;
 * misuse raises the library's errors;
 * ``init="identity"`` is an exact, trainable identity where
   ``supports_identity_init``, and an error naming the reason elsewhere.
@@ -45,6 +47,7 @@ from attnblocks import (
     InvalidInputError,
     available_blocks,
     create_block,
+    register_block,
 )
 from attnblocks.blocks import get_block_class
 from attnblocks.inspect import record_gates, record_maps
@@ -169,6 +172,47 @@ def test_output_keeps_shape_dtype_and_memory_format(
     assert y.dtype == x.dtype
     assert y.is_contiguous(memory_format=fmt), f"input was {fmt}, output strides {y.stride()}"
     assert torch.isfinite(y).all()
+
+
+def _zero_size_shapes(block: torch.nn.Module) -> list[tuple[int, ...]]:
+    shapes = []
+    for rank in spatial_ranks(block):
+        for where in range(rank):
+            sizes = [3] * rank
+            sizes[where] = 0
+            shapes.append((2, block.channels, *sizes))
+        shapes.append((0, block.channels, *([3] * rank)))
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_zero_size_inputs_give_empty_outputs_and_leave_the_block_alone(
+    name: str, options: dict[str, Any], training: bool, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    block = build(name, 4, options).to(dtype).train(training)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    gates: list[torch.Tensor] = []
+    maps: list[torch.Tensor] = []
+    block.register_gate_hook(lambda module, gate: gates.append(gate))
+    block.register_map_hook(lambda module, attention_map: maps.append(attention_map))
+    for shape in _zero_size_shapes(block):
+        gates.clear(), maps.clear()
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        y = block(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        assert len(gates) == int(block.has_channel_gate)
+        assert all(gate.shape == shape[:2] for gate in gates)
+        assert len(maps) == int(block.has_spatial_map)
+        if block.has_spatial_map:
+            assert maps[0].shape[0] == shape[0] and maps[0].shape[2:] == shape[2:]
+            assert block.spatial_map(x).shape == maps[0].shape
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
 
 
 # -- batch independence --------------------------------------------------------
@@ -399,6 +443,20 @@ def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> Non
     with pytest.raises(InvalidArgumentError, match="bogus"):
         build(name, 6, options, init="bogus")
 
+    accepted = inspect.signature(get_block_class(name).__init__).parameters
+    if "reduction" in accepted:  # a width that would overflow, or exhaust any memory
+        with pytest.raises(InvalidArgumentError, match=r"reduction=1e-19.*at least 1/64"):
+            build(name, 6, {**options, "reduction": 1e-19})
+        assert build(name, 6, {**options, "reduction": 1 / 64}) is not None
+    if "activation" in accepted:  # checked even where the configuration does not use it
+        for bad in ("nope", None, 42):
+            with pytest.raises(InvalidArgumentError, match="activation"):
+                build(name, 6, {**options, "activation": bad})
+    if "gate" in accepted:
+        for bad in ("nope", None, 42):
+            with pytest.raises(InvalidArgumentError, match="gate"):
+                build(name, 6, {**options, "gate": bad})
+
 
 def test_unknown_block_name_lists_every_valid_name() -> None:
     with pytest.raises(InvalidArgumentError) as info:
@@ -407,6 +465,50 @@ def test_unknown_block_name_lists_every_valid_name() -> None:
     assert "squeeze-excite-v9" in message
     for name in available_blocks():
         assert repr(name) in message
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("", "valid Python identifier"),
+        ("my block!", "valid Python identifier"),
+        ("2se", "valid Python identifier"),
+        ("class", "not a keyword"),
+        ("CLASS", "not a keyword"),  # names are case-insensitive: stored as "class"
+        (None, "must be a string, got None"),
+        (42, "must be a string, got 42"),
+        (b"se", "must be a string"),
+    ],
+)
+def test_register_block_refuses_bad_names_and_leaves_the_registry_alone(
+    name: object, pattern: str
+) -> None:
+    before = available_blocks()
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        register_block(name)(get_block_class("se"))  # type: ignore[arg-type]
+    assert available_blocks() == before
+
+
+@pytest.mark.parametrize(
+    "factory", [lambda channels: torch.nn.Identity(), torch.nn.Identity(), None, int, "se"]
+)
+def test_register_block_refuses_what_is_not_a_module_class(factory: object) -> None:
+    before = available_blocks()
+    with pytest.raises(InvalidArgumentError, match=r"nn\.Module subclasses"):
+        register_block("contract_probe")(factory)  # type: ignore[type-var]
+    assert available_blocks() == before
+    # the registry still serves every block, by name and by class
+    for name in before:
+        assert isinstance(create_block(get_block_class(name), 8), get_block_class(name))
+
+
+def test_register_block_refuses_a_taken_name_for_another_class() -> None:
+    class Other(torch.nn.Module):
+        pass
+
+    with pytest.raises(InvalidArgumentError, match="already taken by SEBlock"):
+        register_block("SE")(Other)
+    assert get_block_class("se") is attnblocks.SEBlock
 
 
 # -- identity init ------------------------------------------------------------------
@@ -428,7 +530,7 @@ def test_identity_init_is_exact_where_supported(
     x = data.draw(inputs(block, dtypes=(torch.float32, torch.float64)), label="x")
     with torch.no_grad():
         y = block(x)
-    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    assert torch.equal(y, x)
 
 
 IDENTITY_CASES = [case for case in CASES if get_block_class(case.values[0]).supports_identity_init]

@@ -14,10 +14,11 @@ import pytest
 import time_recipes
 import torch
 from se_cifar import ema as ema_module
+from se_cifar import engine as engine_module
 from se_cifar import recipes as recipes_module
 from se_cifar.data import load_cifar10
 from se_cifar.ema import WeightEMA
-from se_cifar.engine import Interrupted, train_run
+from se_cifar.engine import Interrupted, make_scheduler, train_run
 from se_cifar.models import build_model
 from se_cifar.recipes import get_recipe, parse_setting
 from se_cifar.system import keep_freed_memory
@@ -29,7 +30,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cifar_example.make_image_folder(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.mark.parametrize("module", [ema_module, recipes_module, cifar10_se])
+@pytest.mark.parametrize("module", [ema_module, recipes_module, engine_module, cifar10_se])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
@@ -112,6 +113,65 @@ def test_ema_run_resumes_exactly_and_keeps_the_evaluated_weights(
     assert elapsed[-1] >= sum(r["epoch_time_s"] for r in state.history)
 
 
+# --- learning-rate schedules on short runs -----------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+@pytest.mark.parametrize("steps_per_epoch", [*range(1, 13), 17, 40])
+def test_every_run_of_at_least_one_step_gets_a_working_schedule(
+    schedule: str, epochs: int, steps_per_epoch: int
+) -> None:
+    recipe = get_recipe("fast", epochs=epochs, schedule=schedule)
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=recipe.lr, momentum=0.9)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            optimizer.step()
+            if schedule == "onecycle":
+                scheduler.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        if schedule == "plateau":
+            scheduler.step(float("nan"))  # a diverged epoch: still no exception
+    trained = rates[:-1]  # the rate of each of the epochs * steps_per_epoch steps
+    assert all(0 < r <= recipe.lr * (1 + 1e-9) for r in trained)
+    total = epochs * steps_per_epoch
+    if schedule == "onecycle" and total >= 3:  # a warm-up to the peak, then down
+        peak = trained.index(max(trained))
+        assert peak >= 1 and max(trained) == pytest.approx(recipe.lr, rel=0.05)
+        assert trained[0] < max(trained) and trained[-1] < max(trained)
+    if schedule == "onecycle" and total >= 8:  # the recipe's own 25 % warm-up
+        assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+        assert scheduler._schedule_phases[0]["end_step"] == 0.25 * total - 1
+
+
+def test_a_run_without_steps_is_refused_by_name() -> None:
+    recipe = get_recipe("fast", epochs=0)
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="at least one step"):
+        make_scheduler(optimizer, recipe, 4)
+
+
+def test_a_four_step_one_cycle_run_trains(tiny_data: Path, tmp_path: Path) -> None:
+    # 60 images, batch 15: 4 steps, where OneCycleLR's warm-up used to divide by zero
+    train, test = load_cifar10(tiny_data)
+    recipe = get_recipe(
+        "fast", epochs=1, batch_size=15, precision="fp32", channels_last=False, ema=0.0
+    )
+    _, state = train_run(
+        build_model("baseline"),
+        recipe=recipe,
+        seed=0,
+        train=train,
+        test=test,
+        device=torch.device("cpu"),
+        checkpoint=tmp_path / "run.pt",
+        log=str,
+    )
+    assert state.complete and len(state.iterations) == 4
+
+
 # --- recipe overrides and time to accuracy --------------------------------------------------
 
 
@@ -125,6 +185,9 @@ def test_settings_parse_to_field_types_and_bad_ones_are_named() -> None:
         parse_setting("ema")
     with pytest.raises(ValueError, match="true or false"):
         parse_setting("test_flip=maybe")
+    for bad in ("epochs=0", "batch_size=0", "batch-size=-3"):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            parse_setting(bad)
     with pytest.raises(SystemExit):
         cifar10_se.parse_args(["--set", "nope=1"])
     with pytest.raises(SystemExit):

@@ -7,7 +7,7 @@ import torch
 from _inspect_toys import hook_counts, modes, toy_se_net
 from torch import nn
 
-from attnblocks import InvalidInputError, SelectorError
+from attnblocks import InvalidArgumentError, InvalidInputError, SelectorError
 from attnblocks.inspect import record_features
 
 
@@ -45,6 +45,11 @@ def test_hooks_removed_mode_kept_and_errors() -> None:
     with pytest.raises(InvalidInputError, match="not a tensor"), record_features(tuple_net, ["0"]):
         tuple_net(torch.randn(2, 3, 4))
     assert hook_counts(tuple_net)["0"] == (0, 0, 0, 0, 0)
+    with pytest.raises(InvalidArgumentError, match="device must be"):
+        record_features(net, ["stem.conv"], device="nope").__enter__()
+    with pytest.raises(InvalidArgumentError, match="before_hooks must be True or False"):
+        record_features(net, ["stem.conv"], before_hooks="yes").__enter__()  # type: ignore[arg-type]
+    assert hook_counts(net) == before
 
 
 def test_mismatched_shapes_point_to_batches() -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from attnblocks import InvalidArgumentError, SEBlock, SelectorError
+from attnblocks import InvalidArgumentError, InvalidInputError, SEBlock, SelectorError
 from attnblocks.inspect import record_gates
 
 
@@ -131,6 +131,7 @@ def test_shared_block_called_twice_records_both_calls() -> None:
         (["stem.conv"], SelectorError, "matches no attention block"),
         (["stem.s\u0435"], SelectorError, "Closest module names"),  # Cyrillic e
         ("stem.se", SelectorError, "list of selectors"),
+        ([], SelectorError, "record_gates: sites is empty; pass None"),
     ],
 )
 def test_errors(model_sites: object, error: type[Exception], match: str) -> None:
@@ -140,3 +141,29 @@ def test_errors(model_sites: object, error: type[Exception], match: str) -> None
     with pytest.raises(error, match=match), record_gates(model, sites=sites):
         pass
     assert hook_counts(net) == hook_counts(toy_se_net())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"device": "nope"}, "device must be None .* got 'nope'"),
+        ({"device": 42}, "device must be"),
+        ({"keep": 2}, "keep must be True or False"),
+    ],
+)
+def test_bad_options_are_refused_before_any_hook(kwargs: dict, match: str) -> None:
+    net = toy_se_net()
+    before = hook_counts(net)
+    with pytest.raises(InvalidArgumentError, match=match), record_gates(net, **kwargs):
+        pass
+    assert hook_counts(net) == before
+
+
+def test_meta_gates_cannot_be_stored_on_a_real_device() -> None:
+    net = toy_se_net().to("meta")
+    x = torch.randn(2, 3, 8, 8, device="meta")
+    with pytest.raises(InvalidInputError, match="meta device"), record_gates(net):
+        net(x)
+    with record_gates(net, device=None) as rec:  # kept where they were computed
+        net(x)
+    assert rec.gates["stem.se"].is_meta and rec.gates["stem.se"].shape == (2, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _inspect_toys import hook_counts, modes, toy_se_net
@@ -115,6 +116,15 @@ def test_upsample_maps() -> None:
         upsample_maps(maps, (4, 0))
     with pytest.raises(InvalidInputError, match=r"\(N, H, W\)"):
         upsample_maps(torch.rand(4, 4), (8, 8))
+    with pytest.raises(InvalidInputError, match="no positions to resize"):
+        upsample_maps(torch.rand(1, 0, 2), (4, 4))
+    with pytest.raises(InvalidArgumentError, match="more than 2,147,483,648"):
+        upsample_maps(maps, (10**6, 10**6))
+    with pytest.raises(InvalidArgumentError, match="size must be"):
+        upsample_maps(maps, None)  # type: ignore[arg-type]
+    assert upsample_maps(torch.rand(0, 2, 2), (4, 4)).shape == (0, 4, 4)
+    empty = {"a": torch.rand(0, 2, 2)}
+    assert normalize_maps(empty, "shared")["a"].shape == (0, 2, 2)
 
 
 def test_errors() -> None:
@@ -140,3 +150,53 @@ def test_errors() -> None:
         grad_cam(twice, x, [0, 1], "1")
     assert hook_counts(twice)["1"] == (0, 0, 0, 0, 0)
     assert grad_cam(net, x, [0, 1], net[0]).shape == (2, 5, 5)
+
+
+class _CountingNet(nn.Sequential):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"size": (0, 16)}, InvalidArgumentError, r"size must be \(height, width\)"),
+        ({"size": 16}, InvalidArgumentError, "size must be"),
+        ({"upsample": "cubic"}, InvalidArgumentError, "unknown upsample mode 'cubic'"),
+        ({"upsample": "cubic", "size": (8, 8)}, InvalidArgumentError, "unknown upsample"),
+        ({"relu": "no"}, InvalidArgumentError, "relu must be True or False"),
+        ({"eval_mode": 1}, InvalidArgumentError, "eval_mode must be True or False"),
+        ({"normalize": "per_image"}, InvalidArgumentError, "unknown normalize"),
+    ],
+)
+def test_arguments_are_checked_before_the_forward_pass(
+    kwargs: dict, error: type[Exception], match: str
+) -> None:
+    net = _CountingNet(*_cam_net(4, 3))
+    _CountingNet.calls = 0
+    with pytest.raises(error, match=match):
+        grad_cam(net, torch.randn(2, 3, 5, 5), [0, 1], "0", **kwargs)
+    assert _CountingNet.calls == 0, "no forward pass before the arguments are checked"
+
+
+def test_inference_mode_is_refused_clearly_and_inference_tensors_work() -> None:
+    net = _cam_net(4, 3)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.inference_mode():
+        made_inside = torch.randn(2, 3, 5, 5)
+        with pytest.raises(InvalidArgumentError, match=r"torch.inference_mode\(\)"):
+            grad_cam(net, x, [0, 1], "0")
+    # inputs made under inference_mode, used outside it: an ordinary Grad-CAM
+    torch.testing.assert_close(
+        grad_cam(net, made_inside, [0, 1], "0"), grad_cam(net, made_inside.clone(), [0, 1], "0")
+    )
+    with torch.inference_mode():
+        frozen = _cam_net(4, 3)
+    with pytest.raises(InvalidArgumentError, match="parameters were created under"):
+        grad_cam(frozen, x, [0, 1], "0")
+    with pytest.raises(InvalidInputError, match="meta device"):
+        grad_cam(net, x.to("meta"), [0, 1], "0")
+    assert grad_cam(net, x, np.array([0, 1]), "0").shape == (2, 5, 5)

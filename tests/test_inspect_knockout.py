@@ -9,8 +9,8 @@ import torch
 from _inspect_toys import hook_counts, toy_se_net
 from torch import nn
 
-from attnblocks import SelectorError
-from attnblocks.inspect import knockout, knockout_scan, record_gates
+from attnblocks import InvalidArgumentError, SelectorError
+from attnblocks.inspect import eval_mode, knockout, knockout_scan, record_gates
 
 
 def _snapshot(net: nn.Module) -> tuple[bytes, str, dict, list]:
@@ -82,3 +82,19 @@ def test_knockout_scan() -> None:
     with knockout(net, ["stem.se"]):
         torch.testing.assert_close(scores["stem.se"], evaluate(net))
     assert not torch.equal(scores["stem.se"], baseline)
+
+
+def test_knockout_errors_leave_the_model_alone() -> None:
+    net = toy_se_net()
+    before = _snapshot(net)
+    with pytest.raises(InvalidArgumentError, match="evaluate must be a function"):
+        knockout_scan(net, None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"torch\.nn\.Module, got int"):
+        knockout_scan(42, lambda m: 0.0)  # type: ignore[arg-type]
+    with pytest.raises(SelectorError, match="knockout: sites is empty"), knockout(net, []):
+        pass
+    with pytest.raises(RuntimeError, match="mid-scan"):
+        knockout_scan(net, lambda m: (_ for _ in ()).throw(RuntimeError("mid-scan")))
+    assert _snapshot(net) == before
+    with pytest.raises(InvalidArgumentError, match=r"eval_mode: model must be a torch\.nn"):
+        eval_mode(42).__enter__()  # type: ignore[arg-type]

@@ -201,6 +201,7 @@ def test_pop_keep_batches_and_varying_sizes() -> None:
         ("spatial", ["se"], SelectorError, "matches no attention block with a spatial map"),
         ("spatial", ["c0nv"], SelectorError, "Closest module names"),
         ("spatial", "cbam", SelectorError, "list of selectors"),
+        ("spatial", [], SelectorError, "record_maps: sites is empty"),
     ],
 )
 def test_errors(model: str, sites: object, error: type[Exception], match: str) -> None:
@@ -215,3 +216,5 @@ def test_errors(model: str, sites: object, error: type[Exception], match: str) -
         record_maps(net, reduce="sum").__enter__()  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match=r"torch\.nn\.Module"):
         record_maps("model").__enter__()  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="device must be"):
+        record_maps(net, device="nope").__enter__()  # type: ignore[arg-type]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _inspect_toys import modes, toy_se_net
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnblocks import InvalidArgumentError, InvalidInputError
+from attnblocks import InvalidArgumentError, InvalidInputError, SelectorError
 from attnblocks.inspect import (
     GateStats,
     class_specificity,
@@ -157,3 +158,103 @@ def test_errors() -> None:
     with pytest.raises(InvalidArgumentError, match="num_classes"):
         GateStats(num_classes=0)
     assert math.isnan(stats.summary()["s"]["specificity"])  # no labels given
+
+
+def test_update_is_atomic_across_sites() -> None:
+    """A batch refused at one site changes no site (each is checked before any commit)."""
+    stats = GateStats()
+    stats.update({"a": torch.rand(4, 3), "b": torch.rand(4, 5)}, torch.tensor([0, 1, 0, 1]))
+    before = {name: (s.count, s.mean, s.class_mean, s.num_classes) for name, s in stats.items()}
+    bad_batches = [
+        ({"a": torch.rand(4, 3), "b": torch.rand(4, 6)}, None),  # b has 5 channels
+        ({"a": torch.rand(4, 3), "b": torch.rand(3, 5)}, [0, 1, 2, 3]),  # 3 rows at b
+        ({"a": torch.rand(4, 3), "c": torch.rand(4, 2, 2)}, None),  # a new site, not (N, C)
+        ({"a": torch.rand(4, 3), "b": torch.rand(4, 5)}, [0, 1, 2, 10**9]),  # absurd label
+    ]
+    for gates, labels in bad_batches:
+        with pytest.raises(InvalidInputError):
+            stats.update(gates, labels)
+    assert list(stats) == ["a", "b"]
+    for name, (count, mean, class_mean, k) in before.items():
+        assert stats[name].count == count and stats[name].num_classes == k
+        torch.testing.assert_close(stats[name].mean, mean)
+        torch.testing.assert_close(stats[name].class_mean, class_mean, equal_nan=True)
+    fixed = GateStats(num_classes=2)
+    with pytest.raises(InvalidInputError, match="out of range for num_classes=2"):
+        fixed.update({"a": torch.rand(2, 3), "b": torch.rand(2, 3)}, torch.tensor([0, 2]))
+    assert len(fixed) == 0
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([0, 1, 0, 2]),
+        [0, 1, 0, 2],
+        (0, 1, 0, 2),
+        torch.tensor([0, 1, 0, 2], dtype=torch.int32),
+    ],
+    ids=["numpy", "list", "tuple", "int32"],
+)
+def test_labels_in_any_container_give_per_class_statistics(labels: object) -> None:
+    gates = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    expected = GateStats.from_gates({"s": gates}, torch.tensor([0, 1, 0, 2]))
+    got = GateStats.from_gates({"s": gates}, labels)  # type: ignore[arg-type]
+    assert got.num_classes == 3
+    torch.testing.assert_close(got["s"].class_mean, expected["s"].class_mean)
+    net = toy_se_net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    stats = gate_statistics(net, [(x, labels)])
+    assert stats.num_classes == 3 and stats["stem.se"].class_count.tolist() == [2, 1, 1]
+    assert not math.isnan(stats.summary()["stem.se"]["specificity"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (["cat", "dog", "cat", "cat"], "class indices"),
+        (np.array([0.0, 1.0, 0.0, 1.0]), "integer class indices"),
+        ({"a": 0}, "class indices"),
+        (torch.tensor([0, 1, 2, 10**9]), "without num_classes at most 65536"),
+        (torch.tensor([0, 1, 2, 3], device="meta"), "meta"),
+    ],
+)
+def test_bad_labels_are_refused_never_dropped(labels: object, match: str) -> None:
+    net = toy_se_net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(InvalidInputError, match=match):
+        gate_statistics(net, [(x, labels)])
+    with pytest.raises(InvalidInputError, match=match):
+        GateStats().update({"s": torch.rand(4, 3)}, labels)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda net, x: gate_statistics(42, [x]), InvalidArgumentError, "torch.nn.Module, got int"),
+        (lambda net, x: gate_statistics(net, None), InvalidArgumentError, "iterable"),
+        (lambda net, x: gate_statistics(net, [x], device="nope"), InvalidArgumentError, "device"),
+        (lambda net, x: gate_statistics(net, [x], eval_mode="yes"), InvalidArgumentError, "True"),
+        (lambda net, x: gate_statistics(net, [x], sites=[]), SelectorError, "sites is empty"),
+        (
+            lambda net, x: gate_statistics(net, [x], num_classes=10**12),
+            InvalidArgumentError,
+            "num_classes=1000000000000 is more than",
+        ),
+        (
+            lambda net, x: GateStats().update({"s": torch.rand(2, 3, device="meta")}),
+            InvalidInputError,
+            "meta",
+        ),
+        (
+            lambda net, x: class_specificity(torch.rand(2, 3), torch.tensor([0, 10**9])),
+            InvalidInputError,
+            "would mean 1000000001 classes",
+        ),
+    ],
+)
+def test_gate_statistics_errors(call: object, error: type[Exception], match: str) -> None:
+    net = toy_se_net()
+    before = modes(net)
+    with pytest.raises(error, match=match):
+        call(net, torch.randn(2, 3, 8, 8))  # type: ignore[operator]
+    assert modes(net) == before

@@ -26,6 +26,7 @@ from attnblocks.plot import (
     gate_heatmap,
     gate_profiles,
     gradcam_overlay,
+    spatial_map_overlay,
     training_curves,
 )
 
@@ -175,14 +176,27 @@ def test_figures_show_the_given_numbers(recorded: dict) -> None:
         equal_nan=True,
     )
 
-    # shared normalisation keeps the weaker map weaker; the image row shows un-normalised RGB
+    # Grad-CAM panels are normalised per image by default, and the figure says so
     x = recorded["x"][:2]
     cams = torch.rand(2, 4, 4)
+    cams[1] *= 0.01  # a much weaker map: nearly blank on a shared scale, not per image
     fig = gradcam_overlay(x, {"weak": cams, "strong": 2 * cams}, mean=MEAN, std=STD)
+    for ax in fig.axes[2:6]:
+        panel = ax.images[1].get_array()
+        assert float(panel.min()) == pytest.approx(0.0) and float(panel.max()) == pytest.approx(1)
+    assert "per image" in fig.get_suptitle()
+    assert "each image on its own" in fig.axes[-1].get_ylabel()
+    # shared normalisation keeps the weaker map weaker; the image row shows un-normalised RGB
+    fig = gradcam_overlay(
+        x, {"weak": cams, "strong": 2 * cams}, normalize="shared", mean=MEAN, std=STD
+    )
     axes = fig.axes
     weak = max(float(ax.images[1].get_array().max()) for ax in axes[2:4])
     strong = max(float(ax.images[1].get_array().max()) for ax in axes[4:6])
     assert weak < 0.51 and strong == pytest.approx(1.0)
+    assert float(axes[5].images[1].get_array().max()) < 0.02
+    assert "shared" in fig.get_suptitle()
+    assert gradcam_overlay(x, cams, title="mine", mean=MEAN, std=STD).get_suptitle() == "mine"
     shown = torch.as_tensor(axes[0].images[0].get_array())
     want = (x[0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).permute(
         1, 2, 0
@@ -259,3 +273,136 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"pip install attnblocks\[examples\]"):
         confusion_matrix([0, 1], [0, 1])
+
+
+def _with_cmap(recorded: dict, cmap: object) -> dict[str, object]:
+    x, stats = recorded["x"], recorded["stats"]
+    cams = torch.rand(2, 4, 4)
+    feature = recorded["features"]["stem.relu"]
+    return {
+        "feature_map_grid": lambda: feature_map_grid(
+            x[0], recorded["features"], mean=MEAN, std=STD, cmap=cmap
+        ),
+        "channel_heatmaps": lambda: channel_heatmaps(x[0], feature, mean=MEAN, std=STD, cmap=cmap),
+        "gradcam_overlay": lambda: gradcam_overlay(x[:2], cams, mean=MEAN, std=STD, cmap=cmap),
+        "spatial_map_overlay": lambda: spatial_map_overlay(
+            x[:2], torch.rand(2, 1, 4, 4), mean=MEAN, std=STD, cmap=cmap
+        ),
+        "gate_heatmap": lambda: gate_heatmap(stats, cmap=cmap),
+        "confusion_matrix": lambda: confusion_matrix([0, 1], [0, 1], cmap=cmap),
+    }
+
+
+CMAP_FIGURES = [
+    "feature_map_grid",
+    "channel_heatmaps",
+    "gradcam_overlay",
+    "spatial_map_overlay",
+    "gate_heatmap",
+    "confusion_matrix",
+]
+
+
+@pytest.mark.parametrize("name", CMAP_FIGURES)
+def test_every_cmap_is_checked_and_colormap_objects_work(name: str, recorded: dict) -> None:
+    import matplotlib as mpl
+
+    for bad, match in (("virdis", r"cmap must be .*got 'virdis'. Did you mean"), (42, "got 42")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            _with_cmap(recorded, bad)[name]()
+    assert _with_cmap(recorded, mpl.colormaps["magma"])[name]() is not None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda x: gradcam_overlay(x[:0], torch.rand(0, 4, 4)), InvalidInputError, "empty batch"),
+        (
+            lambda x: spatial_map_overlay(x[:0], torch.rand(0, 1, 4, 4)),
+            InvalidInputError,
+            "empty batch",
+        ),
+        (
+            lambda x: gradcam_overlay(x[:2], torch.rand(2, 0, 4), mean=MEAN, std=STD),
+            InvalidInputError,
+            "no positions to draw",
+        ),
+        (
+            lambda x: spatial_map_overlay(x[:2], torch.rand(2, 1, 4, 0), mean=MEAN, std=STD),
+            InvalidInputError,
+            "no positions to draw",
+        ),
+        (
+            lambda x: gradcam_overlay(
+                x[:2], torch.rand(2, 4, 4, device="meta"), mean=MEAN, std=STD
+            ),
+            InvalidInputError,
+            "meta device",
+        ),
+        (
+            lambda x: gradcam_overlay(x[:2], torch.rand(2, 4, 4), upsample="cubic"),
+            InvalidArgumentError,
+            "unknown upsample mode 'cubic'",
+        ),
+        (
+            lambda x: channel_heatmaps(x[0], torch.rand(4, 0, 4), mean=MEAN, std=STD),
+            InvalidInputError,
+            "no positions to draw",
+        ),
+        (
+            lambda x: feature_map_grid(
+                x[0], {"a": torch.rand(1, 4, 4, 4, device="meta")}, mean=MEAN, std=STD
+            ),
+            InvalidInputError,
+            "meta device",
+        ),
+        (
+            lambda x: confusion_matrix([], []),
+            InvalidInputError,
+            "targets and predictions are empty",
+        ),
+        (
+            lambda x: confusion_matrix([0, 10**9], [0, 1]),
+            InvalidArgumentError,
+            "largest class index found, 1000000000, asks for 1000000001 classes",
+        ),
+        (
+            lambda x: confusion_matrix([0, 1], [0, 1], num_classes=10**9),
+            InvalidArgumentError,
+            "num_classes=1000000000 asks",
+        ),
+        (
+            lambda x: confusion_matrix([0, 1], [0, 1], class_names=["a"]),
+            InvalidArgumentError,
+            "^confusion_matrix: 1 class_names is too few for class index 1",
+        ),
+        (
+            lambda x: confusion_matrix([0, 2], [0, 1], num_classes=2),
+            InvalidArgumentError,
+            "num_classes=2 is too few for class index 2",
+        ),
+        (
+            lambda x: confusion_matrix([0, 1, 2], [0, 1, 2], class_names="abc"),
+            InvalidArgumentError,
+            "class_names must be a list",
+        ),
+        (lambda x: confusion_matrix(None, None), InvalidInputError, "got NoneType"),
+        (
+            lambda x: confusion_matrix(torch.zeros(2, dtype=torch.long, device="meta"), [0, 1]),
+            InvalidInputError,
+            "meta device",
+        ),
+    ],
+)
+def test_more_errors(recorded: dict, call: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as info:
+        call(recorded["x"])  # type: ignore[operator]
+    assert "dtype" not in str(info.value) or "dtype" in match
+
+
+def test_huge_channel_counts_draw_what_exists(recorded: dict) -> None:
+    fig = feature_map_grid(
+        recorded["x"][0], recorded["features"], channels=10**9, mean=MEAN, std=STD
+    )
+    widest = max(f.shape[1] for f in recorded["features"].values())
+    assert len(fig.axes) == 1 + len(recorded["features"]) * widest

@@ -1,4 +1,4 @@
-"""The fused SE path (SEFunction) against an independent, straightforward reference.
+"""The fused SE path (ChannelGateFunction with MLPRule) against an independent reference.
 
 The reference below is written from the paper's equations with plain tensor ops
 (mean -> Linear -> act -> Linear -> gate -> x * s) and differentiated by autograd;

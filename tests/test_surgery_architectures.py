@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from _models import trained_like_
 from _surgery_helpers import assert_unchanged, se_blocks, snapshot
 from torch import nn
 
-from attnblocks import SEBlock
+from attnblocks import SEBlock, SurgeryError
 from attnblocks.surgery import insert_se, plan_se, remove_se
 
 torchvision = pytest.importorskip("torchvision")
@@ -126,3 +127,46 @@ def test_timm_blocks_that_already_have_se_need_another_name() -> None:
     model = timm.create_model("efficientnet_b0")
     with pytest.raises(ValueError, match=r"already has an attribute 'se' \(SqueezeExcite\)"):
         insert_se(model, ["blocks.1.0"], example_input=X)
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "heads"),
+    [
+        (
+            lambda: torchvision.models.inception_v3(
+                weights=None, aux_logits=True, init_weights=False
+            ),
+            75,  # the smallest input inception_v3 takes
+            ["AuxLogits"],
+        ),
+        (
+            lambda: torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False),
+            32,
+            ["aux1", "aux2"],
+        ),
+    ],
+    ids=["tv-inception_v3", "tv-googlenet"],
+)
+def test_auxiliary_heads_are_refused_with_a_selector_that_leaves_them_out(
+    build: Callable[[], nn.Module], size: int, heads: list[str]
+) -> None:
+    model = build().eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    with pytest.raises(SurgeryError) as info:
+        insert_se(model, [nn.BatchNorm2d], example_input=x)
+    message = str(info.value)
+    assert f"'{heads[0]}." in message and "not called" in message and "eval mode" in message
+    assert_unchanged(model, before)
+
+    suggested = re.search(r"layers=\[(lambda .*?)\]\.$", message)
+    assert suggested is not None, message
+    predicate = eval(suggested.group(1), {"nn": nn})  # the selector exactly as shown
+    insert_se(model, [predicate], example_input=x)
+    sites = se_blocks(model)
+    expected = [
+        f"{name}.se"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and not name.startswith(tuple(heads))
+    ]
+    assert sites == expected and len(sites) > 10

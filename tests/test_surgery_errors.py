@@ -115,6 +115,66 @@ def _with_scripted_child() -> nn.Module:
     return model
 
 
+class ReturnsNone(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+class KeepsOneChannel(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+
+class BrokenConstructor(nn.Module):
+    def __init__(self, channels: int) -> None:
+        raise RuntimeError("constructor broke")
+
+
+class Failing(nn.Module):
+    """A block class that builds fine and fails on every input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the block itself broke")
+
+
+def _conv1d_model() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU())
+
+
+def _conv3d_model() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(3, 8, 1), nn.BatchNorm3d(8), nn.ReLU())
+
+
+def _with_deleted_block() -> nn.Module:
+    """small_cnn with an SE block at '1' deleted by hand (its hook left behind)."""
+    model = small_cnn()
+    insert_se(model, ["1"])
+    del model[1].se
+    return model
+
+
+def _renumbered_sequential() -> nn.Module:
+    """An SE block appended to a Sequential that `del seq[0]` then renumbered."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)))
+    insert_se(model, ["0"])
+    del model[0][0]
+    return model
+
+
+def _foreign_module(model: nn.Module) -> Any:
+    return insert_se(model, [nn.BatchNorm2d(8)])  # equal to model[1], but another object
+
+
 # (id, model factory, call, error class, message fragments)
 REFUSALS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], type, list[str]]] = [
     (
@@ -320,6 +380,146 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], Any], t
         SelectorError,
         ["plan_attention:", "'9'"],
     ),
+    (
+        "module-object-of-another-model",
+        small_cnn,
+        _foreign_module,
+        SelectorError,
+        ["module object BatchNorm2d(8, eps=1e-05", "matches no module", "copy.deepcopy"],
+    ),
+    (
+        "predicate-of-one-argument",
+        small_cnn,
+        lambda m: insert_se(m, [lambda name: name == "1"]),
+        SelectorError,
+        ["predicate", "cannot be called as predicate(name, module)", "(name)"],
+    ),
+    (
+        "predicate-of-three-arguments",
+        small_cnn,
+        lambda m: plan_se(m, [lambda name, module, depth: True]),
+        SelectorError,
+        ["plan_se:", "cannot be called as predicate(name, module)", "depth"],
+    ),
+    (
+        "predicate-that-raises",
+        small_cnn,
+        lambda m: insert_se(m, [lambda name, module: module.num_features == 8]),
+        SelectorError,
+        ["predicate", "raised AttributeError", "for module '0' (Conv2d)", "True or False"],
+    ),
+    (
+        "cbam-after-conv1d",
+        _conv1d_model,
+        lambda m: insert_attention(m, ["0"], block="cbam"),
+        SurgeryError,
+        ["CBAMBlock gates 2D feature maps", "'0' (Conv1d)", "1D feature maps (N, C, L)", "'se'"],
+    ),
+    (
+        "coord-after-batchnorm1d",
+        _conv1d_model,
+        lambda m: plan_attention(m, ["1"], block="coord"),
+        SurgeryError,
+        ["CoordAttentionBlock gates 2D", "'1' (BatchNorm1d)", "(N, C) vectors or 1D"],
+    ),
+    (
+        "cbam-after-conv3d-sequential",
+        lambda: nn.Sequential(_conv3d_model()),
+        lambda m: insert_attention(m, ["0"], block="cbam"),
+        SurgeryError,
+        ["CBAMBlock gates 2D", "'0' (Sequential)", "3D feature maps (N, C, D, H, W)"],
+    ),
+    (
+        "parametric-ge-after-conv1d",
+        _conv1d_model,
+        lambda m: insert_attention(m, ["0"], block="ge", variant="theta", extent=2),
+        SurgeryError,
+        ["GatherExciteBlock gates 2D", "'0' (Conv1d)"],
+    ),
+    (
+        "cbam-after-relu-probed-1d",
+        _conv1d_model,
+        lambda m: insert_attention(m, ["2"], block="cbam", example_input=torch.randn(2, 3, 9)),
+        SurgeryError,
+        ["CBAMBlock gates 2D", "'2' (ReLU) returns shape (2, 8, 7) with example_input"],
+    ),
+    (
+        "block-fails-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(m, ["1", "4"], block=Failing, example_input=X),
+        SurgeryError,
+        [
+            "after insertion, the Failing at '1' (BatchNorm2d) failed",
+            "output of shape (2, 8, 8, 8)",
+            "RuntimeError: the block itself broke",
+            "insertion was undone",
+        ],
+    ),
+    (
+        "ge-spatial-size-mismatch-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(
+            m, ["1"], block="ge", variant="theta", spatial_size=4, example_input=X
+        ),
+        SurgeryError,
+        ["the GatherExciteBlock at '1' (BatchNorm2d) failed", "4x4", "insertion was undone"],
+    ),
+    (
+        "block-returns-none-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=ReturnsNone, example_input=X),
+        SurgeryError,
+        ["the ReturnsNone at '1' (BatchNorm2d) returned a NoneType", "input's shape", "undone"],
+    ),
+    (
+        "block-changes-the-shape-after-insertion",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=KeepsOneChannel, example_input=X),
+        SurgeryError,
+        ["KeepsOneChannel at '1' (BatchNorm2d) returned shape (2, 1, 8, 8)", "then failed"],
+    ),
+    (
+        "block-constructor-raises",
+        small_cnn,
+        lambda m: insert_attention(m, ["1"], block=BrokenConstructor),
+        InvalidArgumentError,
+        ["cannot build BrokenConstructor(8", "RuntimeError: constructor broke"],
+    ),
+    (
+        "strict-not-a-bool",
+        small_cnn,
+        lambda m: plan_se(m, ["1"], strict="no"),
+        InvalidArgumentError,
+        ["plan_se: strict must be True or False, got 'no'"],
+    ),
+    (
+        "huge-selector-quoted-short",
+        small_cnn,
+        lambda m: insert_se(m, ["x" * 100_000]),
+        SelectorError,
+        ["'xxxxxxxx", "...>", "matches no module"],
+    ),
+    (
+        "leftover-hook-of-a-deleted-block",
+        _with_deleted_block,
+        lambda m: insert_se(m, ["1"]),
+        SurgeryError,
+        ["'1' (BatchNorm2d)", "deleted by hand", "applied twice", "remove_attention(model)"],
+    ),
+    (
+        "renumbered-sequential-block-name-taken",
+        _renumbered_sequential,
+        lambda m: insert_attention(m, ["0"], block="cbam", name="se"),
+        SurgeryError,
+        ["'0' (Sequential)", "already has a block inserted as 'se'"],
+    ),
+    (
+        "renumbered-sequential-no-stacking",
+        _renumbered_sequential,
+        lambda m: insert_se(m, ["0"]),
+        SurgeryError,
+        ["'0' (Sequential)", "already has a SEBlock"],
+    ),
 ]
 
 
@@ -402,3 +602,78 @@ def test_strict_false_skips_unmatched_selectors_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="'bn9' matches no module"):
         insert_se(model, ["1", "bn9"], strict=False)
     assert hasattr(model[1], "se")
+
+
+def test_a_failing_block_is_blamed_not_example_input() -> None:
+    model = small_cnn()
+    with pytest.raises(SurgeryError) as info:
+        insert_attention(model, ["1"], block=Failing, example_input=X)
+    assert "example_input must be" not in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_the_first_forward_is_still_blamed_on_example_input() -> None:
+    with pytest.raises(InvalidArgumentError, match="must be something the model accepts"):
+        insert_attention(small_cnn(), ["1"], block=Failing, example_input=torch.randn(2, 4, 8, 8))
+
+
+def _lazy_model() -> nn.Sequential:
+    return nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.LazyLinear(4))
+
+
+def _lazy_state(model: nn.Module) -> tuple[str, list[str], list[bool], list[object]]:
+    """What a forward pass would change in a lazy model (its state_dict cannot be cloned)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (
+        repr(model),
+        [type(m).__name__ for m in model.modules()],
+        [torch.nn.parameter.is_lazy(t) for t in tensors],
+        [list(m._forward_pre_hooks.values()) for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: plan_se(m, ["0"], example_input=X),
+        lambda m: insert_se(m, ["0"], example_input=X),
+        lambda m: insert_se(m, ["1"], example_input=X),
+        lambda m: plan_attention(m, ["2"], block="eca", example_input=X),
+    ],
+    ids=["plan", "insert-conv", "insert-lazy-batchnorm", "plan-attention"],
+)
+def test_lazy_models_are_refused_with_example_input_and_stay_lazy(
+    call: Callable[[nn.Module], Any],
+) -> None:
+    model = _lazy_model()
+    before = _lazy_state(model)
+    with pytest.raises(SurgeryError) as info:
+        call(model)
+    message = str(info.value)
+    for fragment in ["lazy modules", "'0', '1', '3'", "Run one forward pass first"]:
+        assert fragment in message, (fragment, message)
+    assert _lazy_state(model) == before
+    assert all(torch.nn.parameter.is_lazy(p) for p in model.parameters())
+
+
+def test_lazy_models_take_blocks_whose_channels_the_module_tells() -> None:
+    model = _lazy_model()
+    model[3] = nn.Identity()
+    plan = plan_se(model, ["0"], reduction=4)
+    insert_se(model, ["0"], reduction=4)
+    assert torch.nn.parameter.is_lazy(model[0].weight)  # nothing ran yet
+    assert plan.sites[0].channels == model[0].se.channels == 8
+    assert model(X).shape == (2, 8, 6, 6)
+    assert type(model[0]) is nn.Conv2d  # materialised by the user's own forward
+    remove_se(model)
+    assert not hasattr(model[0], "se") and not model[0]._forward_hooks
+
+
+def test_quoted_values_stay_short() -> None:
+    model = small_cnn()
+    with pytest.raises(SelectorError) as info:
+        insert_se(model, ["x" * 100_000])
+    assert len(str(info.value)) < 500
+    with pytest.raises(SelectorError, match="layers must be a list") as info:
+        insert_se(model, model)  # type: ignore[arg-type]
+    assert len(str(info.value)) < 500

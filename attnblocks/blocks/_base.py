@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttentionBlock", "GateHook", "MapHook"]
+__all__ = ["AttentionBlock", "GateHook", "MapHook", "TransientHook"]
 
 #: A gate hook is called as ``hook(block, gate)`` with the block and the gate it
 #: has just applied, detached: ``(N, C)`` for channel gates.
@@ -19,6 +19,35 @@ GateHook = Callable[[nn.Module, torch.Tensor], None]
 #: spatial attention map, detached: ``(N, 1, *spatial)`` for a map shared by all
 #: channels, ``(N, C, *spatial)`` for a map per channel.
 MapHook = Callable[[nn.Module, torch.Tensor], None]
+
+
+def _inert_hook() -> _InertHook:
+    return _InertHook()
+
+
+class _InertHook:
+    """What a copy or a pickle holds in place of a :class:`TransientHook`: does nothing."""
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], _InertHook], tuple[()]]:
+        return _inert_hook, ()
+
+
+class TransientHook:
+    """Base class of the hooks that a temporary context (a recorder, a knockout) installs.
+
+    They belong to the context, not to the model, so copies of the model never carry
+    them: :class:`AttentionBlock` leaves them (and a knocked-out ``forward``) out of its
+    ``deepcopy``, pickle and ``torch.save`` state, and where one sits on another
+    module's own hook table (a forward hook of :func:`attnblocks.inspect.record_features`)
+    the copy holds an inert hook in its place. A copy made inside the context is thus a
+    normal, picklable model that feeds nothing, while the original keeps recording.
+    """
+
+    def __reduce__(self) -> tuple[Callable[[], _InertHook], tuple[()]]:
+        return _inert_hook, ()
 
 
 class AttentionBlock(nn.Module):
@@ -114,6 +143,22 @@ class AttentionBlock(nn.Module):
             detached = attention_map.detach()
             for hook in list(self._map_hooks.values()):
                 hook(self, detached)
+
+    def __getstate__(self) -> dict[str, object]:
+        # Hooks and a knocked-out forward installed by a temporary context (TransientHook)
+        # stay with the original: copies and pickles are the plain block.
+        state = dict(super().__getstate__())
+        for table in ("_gate_hooks", "_map_hooks"):
+            hooks = state.get(table)
+            if isinstance(hooks, dict) and any(
+                isinstance(h, TransientHook) for h in hooks.values()
+            ):
+                state[table] = OrderedDict(
+                    (k, h) for k, h in hooks.items() if not isinstance(h, TransientHook)
+                )
+        if isinstance(state.get("forward"), TransientHook):
+            del state["forward"]
+        return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         super().__setstate__(state)

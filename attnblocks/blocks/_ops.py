@@ -23,6 +23,7 @@ __all__ = [
     "global_avg_pool",
     "global_avg_pool_for",
     "global_max_pool",
+    "has_zero_extent",
     "match_memory_format",
     "spatial_dims_of",
     "spatial_dot",
@@ -46,6 +47,19 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 def spatial_dims_of(x: torch.Tensor) -> tuple[int, ...]:
     """The indices of the spatial dimensions of an ``(N, C, *spatial)`` tensor."""
     return tuple(range(2, x.dim()))
+
+
+def has_zero_extent(x: torch.Tensor) -> bool:
+    """Whether an ``(N, C, *spatial)`` tensor has a spatial dimension of size 0.
+
+    Such a feature map has no positions: blocks return it unchanged in shape (an
+    empty output), their spatial maps are empty, and a channel statistic over no
+    positions is what the reduction gives (the mean of nothing is NaN).
+
+    >>> has_zero_extent(torch.zeros(2, 3, 0, 4)), has_zero_extent(torch.zeros(0, 3, 4, 4))
+    (True, False)
+    """
+    return 0 in x.shape[2:]
 
 
 # The largest float32 temporary, in elements, that a half-type reduction makes on the CPU.
@@ -132,7 +146,14 @@ def global_max_pool(x: torch.Tensor) -> torch.Tensor:
 
     The maximum is exact in any dtype; the result is returned in the
     accumulation dtype so that it can be combined with :func:`global_avg_pool`.
+    Over no positions (a spatial size of 0) it is NaN, like the mean.
+
+    >>> global_max_pool(torch.zeros(2, 3, 0, 4))
+    tensor([[nan, nan, nan],
+            [nan, nan, nan]])
     """
+    if has_zero_extent(x):
+        return x.new_full(x.shape[:2], float("nan"), dtype=accumulation_dtype(x))
     return x.amax(dim=spatial_dims_of(x)).to(accumulation_dtype(x))
 
 
@@ -162,7 +183,12 @@ def channel_projection(
 
     >>> channel_projection(torch.ones(2, 3, 4, 5), torch.ones(1, 3)).shape
     torch.Size([2, 1, 4, 5])
+    >>> channel_projection(torch.ones(2, 3, 0, 5), torch.ones(1, 3)).shape
+    torch.Size([2, 1, 0, 5])
     """
+    if has_zero_extent(x):  # convolutions refuse empty maps; the product is just as empty
+        out = torch.einsum("nc...,oc->no...", x, weight.to(x.dtype))
+        return out if bias is None else out + bias.to(x.dtype).view(-1, *([1] * (x.dim() - 2)))
     rank = x.dim() - 2
     kernel = weight.to(x.dtype).reshape(*weight.shape, *([1] * rank))
     return _CONV[rank](x, kernel, None if bias is None else bias.to(x.dtype))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_positive_int, check_positive_number
+from attnblocks._validation import check_positive_int, check_reduction
 
 __all__ = ["check_bool", "check_choice", "check_init", "hidden_width"]
 
@@ -74,7 +74,7 @@ def hidden_width(
     >>> hidden_width(64, 32, None, owner="X", minimum=8)
     (32.0, 8)
     """
-    ratio = check_positive_number(reduction, "reduction", owner=owner)
+    ratio = check_reduction(reduction, owner=owner)
     if hidden_channels is None:
         return ratio, max(minimum, int(channels / ratio))
     width = check_positive_int(hidden_channels, "hidden_channels", owner=owner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,12 +20,37 @@ BlockT = TypeVar("BlockT", bound=type[nn.Module])
 def register_block(name: str) -> Callable[[BlockT], BlockT]:
     """Class decorator that registers an attention block under ``name``.
 
-    The class must take its channel count as the first positional argument and
-    every option as a keyword argument, like :class:`~attnblocks.SEBlock`.
+    The class must be an ``nn.Module`` subclass that takes its channel count as the
+    first positional argument and every option as a keyword argument, like
+    :class:`~attnblocks.SEBlock`. The name is case-insensitive and must be a valid
+    Python identifier that is not a keyword, since surgery stores the block under
+    it (``model.layer1.se``). A refused registration leaves the registry unchanged.
+
+    Example:
+        >>> from attnblocks import register_block
+        >>> decorator = register_block("my_block")  # then: @register_block("my_block")
+        >>> register_block("my block!")
+        Traceback (most recent call last):
+        ...
+        attnblocks._errors.InvalidArgumentError: register_block: name must be a valid Python ...
     """
+    if not isinstance(name, str):
+        raise InvalidArgumentError(
+            f"register_block: name must be a string, got {name!r} (type {type(name).__name__})."
+        )
     key = name.lower()
+    if not key.isidentifier() or keyword.iskeyword(key):
+        raise InvalidArgumentError(
+            "register_block: name must be a valid Python identifier that is not a keyword "
+            f"(surgery stores the block under it, e.g. model.layer1.se), got {name!r}."
+        )
 
     def decorator(cls: BlockT) -> BlockT:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise InvalidArgumentError(
+                f"register_block({name!r}) decorates block classes (nn.Module subclasses), "
+                f"got {cls!r} (type {type(cls).__name__})."
+            )
         if key in _BLOCKS and _BLOCKS[key] is not cls:
             raise InvalidArgumentError(
                 f"register_block: the name {name!r} is already taken by "

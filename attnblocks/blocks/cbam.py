@@ -23,6 +23,7 @@ from attnblocks.blocks._ops import (
     check_block_input,
     global_avg_pool,
     global_max_pool,
+    has_zero_extent,
     match_memory_format,
     to_dtype_of,
 )
@@ -60,10 +61,11 @@ class CBAMBlock(AttentionBlock):
     construction. Other ranks raise :class:`~attnblocks.InvalidInputError`.
 
     Identity init is available: ``init="identity"`` makes both pre-gates exactly 0
-    for every input (the MLP as in :class:`~attnblocks.SEBlock`: :math:`W_0 = 0`, a
-    constant hidden vector and a last layer whose output cancels its bias exactly;
-    the spatial convolution's weight and bias at 0) and scales both gates by
-    :math:`1/\sigma(0) = 2`. The output equals the input exactly, and every
+    for every finite input (the MLP as in :class:`~attnblocks.SEBlock`: :math:`W_0 = 0`,
+    a constant hidden vector and a last layer whose two opposite weights per row cancel
+    exactly; the spatial convolution's weight and bias at 0) and scales both gates by
+    :math:`1/\sigma(0) = 2`. The output equals the input bit for bit, in every dtype
+    and under autocast, and every
     parameter receives gradient (the spatial weights see the non-zero pooled maps,
     :math:`W_0` sees the non-zero :math:`W_1`).
 
@@ -190,7 +192,9 @@ class CBAMBlock(AttentionBlock):
         avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined))
         mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
         maps = to_dtype_of(torch.cat([avg, mx], dim=1), self.spatial_conv.weight)
-        gate = self.gate(self.spatial_conv(maps))
+        # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
+        logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
+        gate = self.gate(logits)
         if self.gate_scale != 1.0:
             gate = gate * self.gate_scale
         return gate

@@ -153,6 +153,13 @@ class CoordAttentionBlock(AttentionBlock):
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[2], x.shape[3]
+        if x.numel() == 0:
+            # No positions (or no samples): a gate is empty, the other one a mean over
+            # nothing (NaN), which must not reach BatchNorm's statistics or its counter.
+            n, c, dtype = x.shape[0], self.channels, self.conv1.weight.dtype
+            nan = float("nan")
+            g_h = x.new_full((n, c, height, 1), nan, dtype=dtype)
+            return g_h, x.new_full((n, c, 1, width), nan, dtype=dtype)
         acc = accumulation_dtype(x)
         along_h = x.mean(dim=3, keepdim=True, dtype=acc)  # (N, C, H, 1)
         along_w = x.mean(dim=2, keepdim=True, dtype=acc)  # (N, C, 1, W)

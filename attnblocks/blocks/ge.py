@@ -102,7 +102,7 @@ class GatherExciteBlock(AttentionBlock):
             ``hidden_channels``, so that the same options can build any block.
         hidden_channels: explicit hidden width of GE-:math:`\theta^+`'s MLP.
         activation: the non-linearity between the gather convolutions and inside the
-            MLP (ReLU).
+            MLP (ReLU); checked, but unused, by ``"theta_minus"``.
         gate: :math:`\sigma` (sigmoid in the paper).
         bias: whether GE-:math:`\theta^+`'s MLP has biases (the gather convolutions,
             followed by BatchNorm, have none).
@@ -183,6 +183,9 @@ class GatherExciteBlock(AttentionBlock):
 
         self.gather: nn.Sequential | None = None
         self.mlp: nn.Sequential | None = None
+        # Checked in every variant (GE-theta-minus does not use it), like reduction, so
+        # that a typo is never silently ignored.
+        make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         if parametric:
             self.gather = self._build_gather(activation, owner)
         if self.variant == "theta_plus":
@@ -279,6 +282,14 @@ class GatherExciteBlock(AttentionBlock):
 
     def _gathered_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at the gathered resolution: ``(N, C)`` if global, else ``(N, C, *g)``."""
+        if x.numel() == 0 and (self.extent is not None or self.gather is not None):
+            # No positions (or no samples): nothing to gather, an empty gate. Pooling and
+            # the gather's convolutions refuse empty maps, and BatchNorm must not count
+            # an empty batch. (A global mean over no positions is NaN, as for SE.)
+            dtype = accumulation_dtype(x) if self.gather is None else next(self.parameters()).dtype
+            cells = self._gathered_size(tuple(x.shape[2:]))
+            shape = x.shape[:2] if self.extent is None else (*x.shape[:2], *cells)
+            return self.gate(x.new_empty(shape, dtype=dtype))
         if self.gather is None:
             if self.extent is None:
                 context = global_avg_pool(x)

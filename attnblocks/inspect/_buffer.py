@@ -6,9 +6,29 @@ from collections.abc import Callable
 
 import torch
 
-from attnblocks._errors import InvalidInputError
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks.blocks._base import TransientHook
 
-__all__ = ["ChunkStore", "StoreRecorder"]
+__all__ = ["ChunkStore", "StoreHook", "StoreRecorder", "check_store_device"]
+
+
+def check_store_device(device: object, *, owner: str) -> torch.device | None:
+    """Return ``device`` as a :class:`torch.device` (``None`` stays ``None``), else raise.
+
+    >>> check_store_device("cpu", owner="demo")
+    device(type='cpu')
+    """
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            pass
+    raise InvalidArgumentError(
+        f"{owner}: device must be None (keep each tensor where it was computed), a "
+        f"torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}."
+    )
 
 
 class ChunkStore:
@@ -42,6 +62,12 @@ class ChunkStore:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Store a detached copy of ``tensor`` under ``name``."""
+        if tensor.is_meta and self.device is not None and self.device.type != "meta":
+            raise InvalidInputError(
+                f"{self._owner}: the tensor captured at {name!r} is on the meta device, "
+                f"which holds no values, so it cannot be stored on {self.device}; run the "
+                "model on a real device, or record with device=None to keep meta tensors."
+            )
         copy = tensor.detach().to(device=self.device or tensor.device, copy=True)
         self.chunks[name].append(copy)
         self._cache = None
@@ -88,6 +114,27 @@ class ChunkStore:
     def rows(self) -> dict[str, int]:
         """The number of rows stored per name."""
         return {name: sum(c.shape[0] for c in self.chunks[name]) for name in self.names}
+
+
+class StoreHook(TransientHook):
+    """A recorder's hook: stores what it is given in a :class:`ChunkStore` under one name.
+
+    Being a :class:`~attnblocks.blocks._base.TransientHook`, it stays out of copies and
+    pickles of the model, so a copy made while recording never feeds the recorder.
+
+    Args:
+        store: where to store.
+        name: the site or layer name to store under.
+        prepare: turns the hook's arguments ``(module, *rest)`` into the tensor to store.
+    """
+
+    def __init__(self, store: ChunkStore, name: str, prepare: Callable[..., torch.Tensor]) -> None:
+        self.store = store
+        self.name = name
+        self.prepare = prepare
+
+    def __call__(self, module: torch.nn.Module, *rest: object) -> None:
+        self.store.add(self.name, self.prepare(self.name, module, *rest))
 
 
 class StoreRecorder:

@@ -11,10 +11,21 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidInputError
-from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
+from attnblocks.blocks._options import check_bool
+from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, resolve_modules
 
 __all__ = ["FeatureRecorder", "record_features"]
+
+
+def _the_output(name: str, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise InvalidInputError(
+            f"record_features: module {name!r} ({type(module).__name__}) returned "
+            f"{type(output).__name__}, not a tensor; record one of its submodules "
+            "that returns a tensor instead."
+        )
+    return output
 
 
 class FeatureRecorder(StoreRecorder):
@@ -38,17 +49,8 @@ class FeatureRecorder(StoreRecorder):
         )
         self.active = False
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise InvalidInputError(
-                    f"record_features: module {name!r} ({type(module).__name__}) returned "
-                    f"{type(output).__name__}, not a tensor; record one of its submodules "
-                    "that returns a tensor instead."
-                )
-            self._store.add(name, output)
-
-        return hook
+    def _hook(self, name: str) -> StoreHook:
+        return StoreHook(self._store, name, _the_output)
 
     @property
     def features(self) -> dict[str, torch.Tensor]:
@@ -107,6 +109,9 @@ def record_features(
         >>> bool((rec.features["0"] < 0).any())  # recorded before the in-place ReLU
         True
     """
+    device = check_store_device(device, owner="record_features")
+    check_bool(keep, "keep", owner="record_features")
+    check_bool(before_hooks, "before_hooks", owner="record_features")
     modules = resolve_modules(model, layers, owner="record_features")
     recorder = FeatureRecorder(tuple(name for name, _ in modules), device=device, keep=keep)
     handles: list[RemovableHandle] = []

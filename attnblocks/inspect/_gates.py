@@ -10,10 +10,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
+from attnblocks.blocks._options import check_bool
+from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_gate_sites
 
 __all__ = ["GateRecorder", "record_gates"]
+
+
+def _the_gate(name: str, block: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    return gate
 
 
 class GateRecorder(StoreRecorder):
@@ -42,11 +47,8 @@ class GateRecorder(StoreRecorder):
         )
         self.active = False
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(block: nn.Module, gate: torch.Tensor) -> None:
-            self._store.add(name, gate)
-
-        return hook
+    def _hook(self, name: str) -> StoreHook:
+        return StoreHook(self._store, name, _the_gate)
 
     @property
     def gates(self) -> dict[str, torch.Tensor]:
@@ -102,6 +104,8 @@ def record_gates(
         >>> net[1]._gate_hooks  # nothing left behind
         OrderedDict()
     """
+    device = check_store_device(device, owner="record_gates")
+    check_bool(keep, "keep", owner="record_gates")
     blocks = find_gate_sites(model, sites, owner="record_gates")
     recorder = GateRecorder(blocks, device=device, keep=keep)
     handles: list[RemovableHandle] = []

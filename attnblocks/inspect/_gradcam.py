@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks.blocks._options import check_bool
 from attnblocks.inspect._maps import (
     MapNormalization,
     UpsampleMode,
+    check_upsample,
     normalize_maps,
     upsample_maps,
 )
@@ -54,6 +56,13 @@ def _check_targets(targets: object, n: int) -> torch.Tensor:
     owner = "grad_cam"
     if isinstance(targets, torch.Tensor):
         t = targets
+    elif hasattr(targets, "__array__") and not isinstance(targets, (str, bytes)):
+        try:  # a numpy array of class indices
+            t = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(
+                f"{owner}: targets must be class indices, got {targets!r:.60}."
+            ) from None
     elif isinstance(targets, Sequence) and not isinstance(targets, str):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in targets):
             raise InvalidArgumentError(
@@ -118,7 +127,8 @@ def grad_cam(
         size: resize the maps to ``(height, width)``, e.g. ``inputs.shape[-2:]``;
             ``None`` keeps the layer's resolution. Resizing happens before
             normalisation.
-        upsample: the interpolation used when ``size`` is given.
+        upsample: the interpolation used when ``size`` is given (checked either way,
+            so a misspelt mode is an error, not silently ignored).
         eval_mode: run the model in eval mode (batch norm and dropout in inference
             behaviour, so images in a batch do not influence one another).
         relu: apply the final ReLU of the paper (``False`` keeps negative evidence).
@@ -153,10 +163,31 @@ def grad_cam(
         raise InvalidInputError(
             f"{owner}: inputs must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}."
         )
+    if inputs.is_meta:
+        raise InvalidInputError(
+            f"{owner}: inputs are on the meta device, which holds shapes but no values; "
+            "Grad-CAM needs real activations and gradients."
+        )
     if normalize not in ("image", "shared", "none"):
         raise InvalidArgumentError(
             f"{owner}: unknown normalize {normalize!r}; valid values are "
             "['image', 'shared', 'none']."
+        )
+    # everything is checked before the forward and backward passes
+    out_size, _ = check_upsample(size, upsample, owner=owner)
+    check_bool(eval_mode, "eval_mode", owner=owner)
+    check_bool(relu, "relu", owner=owner)
+    if torch.is_inference_mode_enabled():
+        raise InvalidArgumentError(
+            f"{owner}: called under torch.inference_mode(), where no gradient can be "
+            "computed; Grad-CAM needs one backward pass. Call grad_cam outside the "
+            "inference_mode block (it never touches the parameters' .grad)."
+        )
+    if any(p.is_inference() for p in model.parameters()):
+        raise InvalidArgumentError(
+            f"{owner}: the model's parameters were created under torch.inference_mode(), "
+            "so no gradient can flow through them; build or load the model outside "
+            "inference_mode (or clone its parameters) to use Grad-CAM."
         )
     name, module = _find_layer(model, layer)
     n = inputs.shape[0]
@@ -179,7 +210,10 @@ def grad_cam(
         if output.requires_grad:
             output.register_hook(keep_grad)
 
-    x = inputs.detach().requires_grad_(True)
+    x = inputs.detach()
+    if x.is_inference():  # made under inference_mode: a normal copy can require grad
+        x = x.clone()
+    x.requires_grad_(True)
     handle = module.register_forward_hook(forward_hook)
     try:
         with _eval_mode(model, eval_mode), torch.enable_grad():
@@ -222,10 +256,10 @@ def grad_cam(
     cams = (weights * act).sum(dim=1)
     if relu:
         cams = cams.clamp(min=0)
-    if size is not None:
+    if out_size is not None:
         if cams.dim() != 3:
             raise InvalidArgumentError(
                 f"{owner}: size= needs a 2-D layer output, got maps of shape {tuple(cams.shape)}."
             )
-        cams = upsample_maps(cams, size, mode=upsample)
+        cams = upsample_maps(cams, out_size, mode=upsample)
     return normalize_maps(cams, normalize)

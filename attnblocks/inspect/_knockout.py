@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from attnblocks._errors import InvalidArgumentError
 from attnblocks.blocks import AttentionBlock
+from attnblocks.blocks._base import TransientHook
 from attnblocks.inspect._sites import Selectors, find_gate_sites
 
 __all__ = ["knockout", "knockout_scan"]
@@ -23,14 +25,22 @@ _MISSING = object()
 T = TypeVar("T")
 
 
-def _identity_forward(block: AttentionBlock) -> Callable[..., torch.Tensor]:
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+class _IdentityForward(TransientHook):
+    """A knocked-out block's ``forward``: the input, unchanged.
+
+    A :class:`~attnblocks.blocks._base.TransientHook`, so a copy or pickle of the block
+    made inside :func:`knockout` is the normal block, not an identity forever.
+    """
+
+    def __init__(self, block: AttentionBlock) -> None:
+        self.block = block
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        block = self.block
         if block._gate_hooks:  # recorders see the gate really applied: all ones
             ones = torch.ones(x.shape[0], block.channels, dtype=x.dtype, device=x.device)
             block._emit_gate(ones)
         return x
-
-    return forward
 
 
 @contextmanager
@@ -73,7 +83,7 @@ def knockout(model: nn.Module, sites: Selectors | None = None) -> Iterator[list[
             if any(block is other for other, _ in saved):
                 continue
             saved.append((block, block.__dict__.get("forward", _MISSING)))
-            block.__dict__["forward"] = _identity_forward(block)
+            block.__dict__["forward"] = _IdentityForward(block)
         yield [name for name, _ in blocks]
     finally:
         for block, previous in reversed(saved):
@@ -111,6 +121,11 @@ def knockout_scan(
         >>> list(scores)
         ['1', '3']
     """
+    if not callable(evaluate):
+        raise InvalidArgumentError(
+            "knockout_scan: evaluate must be a function called as evaluate(model) that "
+            f"returns a score, got {evaluate!r} (type {type(evaluate).__name__})."
+        )
     names = [name for name, _ in find_gate_sites(model, sites, owner="knockout_scan")]
     baseline = evaluate(model)
     scores = {}

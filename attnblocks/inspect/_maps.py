@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 
-__all__ = ["MapNormalization", "UpsampleMode", "normalize_maps", "upsample_maps"]
+__all__ = [
+    "MAX_UPSAMPLED_VALUES",
+    "MapNormalization",
+    "UpsampleMode",
+    "check_upsample",
+    "normalize_maps",
+    "upsample_maps",
+]
 
 #: ``"image"``: each map scaled to [0, 1] on its own; ``"shared"``: one scale for all
 #: maps given together (so two models or two images can be compared); ``"none"``.
@@ -80,7 +87,7 @@ def normalize_maps(
         )
     if isinstance(maps, Mapping):
         checked = {k: _check_maps(v, owner=owner, name=f"maps[{k!r}]") for k, v in maps.items()}
-        if mode == "shared" and checked:
+        if mode == "shared" and any(v.numel() for v in checked.values()):
             lo = min(v.min() for v in checked.values() if v.numel())
             hi = max(v.max() for v in checked.values() if v.numel())
             return {k: _minmax(v, lo, hi) for k, v in checked.items()}
@@ -95,6 +102,36 @@ def normalize_maps(
     return _minmax(x, flat.min(1).values.view(shape), flat.max(1).values.view(shape))
 
 
+#: The most values :func:`upsample_maps` produces (2**31 float32 values are 8 GiB).
+MAX_UPSAMPLED_VALUES = 1 << 31
+
+
+def check_upsample(size: object, mode: object, *, owner: str) -> tuple[tuple[int, int] | None, str]:
+    """Check an upsampling request, ``size`` (``None`` or two positive ints) and ``mode``.
+
+    Called before any expensive work (a forward and backward pass), and also when
+    ``size`` is ``None``: a misspelt mode is never silently ignored.
+
+    >>> check_upsample([32, 32], "bilinear", owner="demo")
+    ((32, 32), 'bilinear')
+    """
+    if mode not in _UPSAMPLE:
+        raise InvalidArgumentError(
+            f"{owner}: unknown upsample mode {mode!r}; valid modes are {list(_UPSAMPLE)}."
+        )
+    if size is None:
+        return None, str(mode)
+    if (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise InvalidArgumentError(
+            f"{owner}: size must be (height, width) with two positive ints, got {size!r}."
+        )
+    return (int(size[0]), int(size[1])), str(mode)
+
+
 def upsample_maps(
     maps: torch.Tensor, size: tuple[int, int], *, mode: UpsampleMode = "bilinear"
 ) -> torch.Tensor:
@@ -102,7 +139,8 @@ def upsample_maps(
 
     ``"bilinear"`` and ``"bicubic"`` use ``align_corners=False`` (pixel centres, as
     image libraries do); ``"bicubic"`` can overshoot the input range slightly and is
-    clamped back to it.
+    clamped back to it. Maps with no positions (``H`` or ``W`` of 0) cannot be
+    resized, and a result of more than ``MAX_UPSAMPLED_VALUES`` values is refused.
 
     Example:
         >>> from attnblocks.inspect import upsample_maps
@@ -114,20 +152,23 @@ def upsample_maps(
     x = _check_maps(maps, owner=owner)
     if x.dim() != 3:
         raise InvalidInputError(f"{owner}: maps must have shape (N, H, W), got {tuple(x.shape)}.")
-    if mode not in _UPSAMPLE:
-        raise InvalidArgumentError(
-            f"{owner}: unknown mode {mode!r}; valid modes are {list(_UPSAMPLE)}."
+    checked, _ = check_upsample(size, mode, owner=owner)
+    if checked is None:
+        raise InvalidArgumentError(f"{owner}: size must be (height, width), got None.")
+    if x.shape[0] and 0 in x.shape[1:]:
+        raise InvalidInputError(
+            f"{owner}: maps of shape {tuple(x.shape)} have no positions to resize."
         )
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-    ):
+    if x.shape[0] * checked[0] * checked[1] > MAX_UPSAMPLED_VALUES:
         raise InvalidArgumentError(
-            f"{owner}: size must be (height, width) with two positive ints, got {size!r}."
+            f"{owner}: resizing {x.shape[0]} maps to {checked} would make "
+            f"{x.shape[0] * checked[0] * checked[1]:,} values, more than "
+            f"{MAX_UPSAMPLED_VALUES:,}; ask for a smaller size or fewer maps at once."
         )
+    if x.shape[0] == 0:
+        return x.new_zeros((0, *checked))
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    out = F.interpolate(x[:, None].float(), size=tuple(size), mode=mode, **kwargs)[:, 0]
+    out = F.interpolate(x[:, None].float(), size=checked, mode=mode, **kwargs)[:, 0]
     if mode == "bicubic" and x.numel():
         out = out.clamp(float(x.min()), float(x.max()))
     return out.to(x.dtype)

@@ -15,12 +15,22 @@ from typing import overload
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import check_positive_int
 
 __all__ = ["class_specificity", "saturation"]
 
 
+#: The most classes a tool infers from the labels alone (largest label + 1): a larger
+#: label is far more likely a bug (a sample id, a hash, logits taken for labels) than a
+#: class, and its per-class tables would not fit in memory. Pass ``num_classes`` to go
+#: beyond, up to :data:`MAX_CLASSES`.
+MAX_INFERRED_CLASSES = 1 << 16
+#: The most classes ``num_classes`` may declare.
+MAX_CLASSES = 1 << 24
+
+
 def check_gates(gates: object, *, owner: str, name: str = "gates") -> torch.Tensor:
-    """Check that ``gates`` is a floating ``(N, C)`` tensor and return it."""
+    """Check that ``gates`` is a floating ``(N, C)`` tensor with values and return it."""
     if not isinstance(gates, torch.Tensor):
         raise InvalidInputError(
             f"{owner}: {name} must be a torch.Tensor of shape (N, C), got {type(gates).__name__}."
@@ -30,19 +40,56 @@ def check_gates(gates: object, *, owner: str, name: str = "gates") -> torch.Tens
             f"{owner}: {name} must be a floating (N, C) tensor, got shape {tuple(gates.shape)} "
             f"and dtype {gates.dtype}."
         )
+    if gates.is_meta:
+        raise InvalidInputError(
+            f"{owner}: {name} is on the meta device, which holds shapes but no values; "
+            "record the gates of a model on a real device."
+        )
     return gates
 
 
-def check_labels(labels: object, rows: int, *, owner: str) -> torch.Tensor:
-    """Check that ``labels`` is a 1-D tensor of ``rows`` non-negative class indices."""
-    if not isinstance(labels, torch.Tensor):
-        raise InvalidInputError(
-            f"{owner}: labels must be a 1-D integer torch.Tensor, got {type(labels).__name__}."
+def check_num_classes(num_classes: object, *, owner: str) -> int | None:
+    """Return ``num_classes`` (``None`` or an int in ``1 .. MAX_CLASSES``), else raise."""
+    if num_classes is None:
+        return None
+    value = check_positive_int(num_classes, "num_classes", owner=owner)
+    if value > MAX_CLASSES:
+        raise InvalidArgumentError(
+            f"{owner}: num_classes={value} is more than {MAX_CLASSES} classes; per-class "
+            "tables that large would not fit in memory."
         )
+    return value
+
+
+def check_labels(
+    labels: object, rows: int, *, owner: str, num_classes: int | None = None
+) -> torch.Tensor:
+    """Return ``labels`` as a 1-D int64 tensor of ``rows`` class indices in range, else raise.
+
+    Lists, tuples and numpy arrays of ints are converted. The indices must be ``>= 0``
+    and below ``num_classes`` when it is given, else below :data:`MAX_INFERRED_CLASSES`.
+    """
+    if not isinstance(labels, torch.Tensor):
+        converted = None
+        if isinstance(labels, (list, tuple)) or hasattr(labels, "__array__"):
+            try:
+                converted = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):
+                converted = None
+        if converted is None:
+            raise InvalidInputError(
+                f"{owner}: labels must be class indices: a 1-D integer torch.Tensor, numpy "
+                f"array or list of ints, got {type(labels).__name__} {labels!r:.60}."
+            )
+        labels = converted.long() if converted.numel() == 0 else converted
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise InvalidInputError(
             f"{owner}: labels must be a 1-D tensor of integer class indices, got shape "
             f"{tuple(labels.shape)} and dtype {labels.dtype}."
+        )
+    if labels.is_meta:
+        raise InvalidInputError(
+            f"{owner}: labels are on the meta device, which holds no values; pass real labels."
         )
     if labels.numel() != rows:
         raise InvalidInputError(
@@ -54,6 +101,19 @@ def check_labels(labels: object, rows: int, *, owner: str) -> torch.Tensor:
         raise InvalidInputError(
             f"{owner}: labels must be class indices >= 0, got {int(labels.min())}."
         )
+    if rows:
+        top = int(labels.max())
+        if num_classes is not None and top >= num_classes:
+            raise InvalidInputError(
+                f"{owner}: label {top} is out of range for num_classes={num_classes} "
+                f"(valid labels are 0...{num_classes - 1})."
+            )
+        if num_classes is None and top >= MAX_INFERRED_CLASSES:
+            raise InvalidInputError(
+                f"{owner}: label {top} would mean {top + 1} classes; labels must be class "
+                f"indices, and without num_classes at most {MAX_INFERRED_CLASSES} classes are "
+                "inferred. Pass num_classes= if there really are that many."
+            )
     return labels.to(torch.long)
 
 

@@ -109,6 +109,11 @@ def _find_sites(
             f"{type(sites).__name__}). Wrap a single selector in a list, e.g. "
             f"sites=[{sites!r}]."
         )
+    if not sites:
+        raise SelectorError(
+            f"{owner}: sites is empty; pass None to use every {kind}, or a list of at least "
+            f"one selector (the model's are {[n for n, _ in everything]})."
+        )
     matched = {name for name, _ in resolve_modules(model, sites, owner=owner)}
     for selector in sites:
         hits = resolve_modules(model, [selector], owner=owner)

@@ -12,7 +12,8 @@ from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore, StoreRecorder
+from attnblocks.blocks._options import check_bool
+from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_map_sites
 
 __all__ = ["MapRecorder", "MapReduction", "record_maps"]
@@ -52,15 +53,15 @@ class MapRecorder(StoreRecorder):
         )
         self.active = False
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(block: nn.Module, attention_map: torch.Tensor) -> None:
-            if self._reduce == "mean":
-                attention_map = attention_map.mean(dim=1, keepdim=True)
-            elif self._reduce == "max":
-                attention_map = attention_map.amax(dim=1, keepdim=True)
-            self._store.add(name, attention_map)
+    def _hook(self, name: str) -> StoreHook:
+        return StoreHook(self._store, name, self._prepare)
 
-        return hook
+    def _prepare(self, name: str, block: nn.Module, attention_map: torch.Tensor) -> torch.Tensor:
+        if self._reduce == "mean":
+            return attention_map.mean(dim=1, keepdim=True)
+        if self._reduce == "max":
+            return attention_map.amax(dim=1, keepdim=True)
+        return attention_map
 
     @property
     def maps(self) -> dict[str, torch.Tensor]:
@@ -137,6 +138,8 @@ def record_maps(
         raise InvalidArgumentError(
             f"record_maps: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
         )
+    device = check_store_device(device, owner="record_maps")
+    check_bool(keep, "keep", owner="record_maps")
     blocks = find_map_sites(model, sites, owner="record_maps")
     recorder = MapRecorder(blocks, device=device, keep=keep, reduce=reduce)
     handles: list[RemovableHandle] = []

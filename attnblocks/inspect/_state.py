@@ -13,6 +13,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from attnblocks._errors import InvalidArgumentError
+from attnblocks.blocks._options import check_bool
+
 __all__ = ["eval_mode"]
 
 
@@ -36,6 +39,11 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
         >>> net.training, net[0].training, net[1].training
         (True, True, False)
     """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"eval_mode: model must be a torch.nn.Module, got {type(model).__name__}."
+        )
+    check_bool(enabled, "enabled", owner="eval_mode")
     if not enabled:
         yield model
         return

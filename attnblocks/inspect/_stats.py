@@ -8,7 +8,7 @@ batches are merged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,17 +16,23 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
+from attnblocks.blocks._options import check_bool
+from attnblocks.inspect._buffer import check_store_device
 from attnblocks.inspect._gates import record_gates
 from attnblocks.inspect._metrics import (
     check_gates,
     check_labels,
+    check_num_classes,
     check_threshold,
     specificity_from_moments,
 )
 from attnblocks.inspect._sites import Selectors
 from attnblocks.inspect._state import eval_mode as _eval_mode
 
-__all__ = ["GateStats", "SiteStats", "gate_statistics"]
+__all__ = ["GateStats", "Labels", "SiteStats", "gate_statistics"]
+
+#: Class labels: a 1-D integer tensor, or a list or numpy array of class indices.
+Labels = torch.Tensor | Sequence[int]
 
 
 def _merge(
@@ -83,16 +89,38 @@ class SiteStats:
             self._class_mean = torch.cat([self._class_mean, pad])
             self._class_m2 = torch.cat([self._class_m2, pad])
 
-    def update(self, gates: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Fold in a batch of ``(n, C)`` gates, with ``(n,)`` class labels if known."""
-        owner = "SiteStats.update"
-        g = check_gates(gates, owner=owner).detach().to(device="cpu", dtype=torch.float64)
+    def update(self, gates: torch.Tensor, labels: Labels | None = None) -> None:
+        """Fold in a batch of ``(n, C)`` gates, with ``(n,)`` class labels if known.
+
+        The batch is checked in full before anything changes: a refused batch leaves
+        the statistics as they were.
+        """
+        self._fold(self._prepare(gates, labels, owner="SiteStats.update"))
+
+    def _prepare(
+        self,
+        gates: object,
+        labels: object,
+        *,
+        owner: str,
+        name: str = "gates",
+        num_classes: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check a batch and return it as float64 CPU gates and int64 CPU labels."""
+        g = check_gates(gates, owner=owner, name=name)
         if g.shape[1] != self.channels:
             raise InvalidInputError(
-                f"{owner}: this site has {self.channels} channels, got gates of shape "
+                f"{owner}: this site has {self.channels} channels, got {name} of shape "
                 f"{tuple(g.shape)}."
             )
-        y = None if labels is None else check_labels(labels, g.shape[0], owner=owner).cpu()
+        y = None
+        if labels is not None:
+            y = check_labels(labels, g.shape[0], owner=owner, num_classes=num_classes).cpu()
+        return g.detach().to(device="cpu", dtype=torch.float64), y
+
+    def _fold(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Fold in a batch :meth:`_prepare` accepted (nothing here can fail on the input)."""
+        g, y = batch
         if g.shape[0] == 0:
             return
         mean_b, m2_b = _batch_moments(g)
@@ -244,11 +272,7 @@ class GateStats(Mapping[str, SiteStats]):
         self, *, num_classes: int | None = None, saturation_threshold: float = 0.9
     ) -> None:
         owner = "GateStats"
-        self._fixed_classes = (
-            None
-            if num_classes is None
-            else check_positive_int(num_classes, "num_classes", owner=owner)
-        )
+        self._fixed_classes = check_num_classes(num_classes, owner=owner)
         self.saturation_threshold = check_threshold(saturation_threshold, owner=owner)
         self._sites: dict[str, SiteStats] = {}
 
@@ -256,7 +280,7 @@ class GateStats(Mapping[str, SiteStats]):
     def from_gates(
         cls,
         gates: Mapping[str, torch.Tensor],
-        labels: torch.Tensor | None = None,
+        labels: Labels | None = None,
         **kwargs: Any,
     ) -> GateStats:
         """Build statistics from gates already recorded (e.g. ``rec.gates``) in one go."""
@@ -271,33 +295,37 @@ class GateStats(Mapping[str, SiteStats]):
             return self._fixed_classes
         return max((s.num_classes for s in self._sites.values()), default=0)
 
-    def update(self, gates: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> None:
-        """Fold in one batch: ``{site: (n, C) gates}`` and optionally ``(n,)`` labels."""
+    def update(self, gates: Mapping[str, torch.Tensor], labels: Labels | None = None) -> None:
+        """Fold in one batch: ``{site: (n, C) gates}`` and optionally ``(n,)`` labels.
+
+        ``labels`` may be a tensor, a numpy array or a list of class indices. Every
+        site's batch is checked before any site changes, so a refused batch (a wrong
+        channel count at one site, a label out of range) leaves the statistics as they
+        were.
+        """
         owner = "GateStats.update"
         if not isinstance(gates, Mapping):
             raise InvalidInputError(
                 f"{owner}: gates must be a mapping {{site name: (N, C) tensor}} such as "
                 f"rec.gates or rec.pop(), got {type(gates).__name__}."
             )
-        if labels is not None and self._fixed_classes is not None:
-            rows = labels.numel() if isinstance(labels, torch.Tensor) else 0
-            labels = check_labels(labels, rows, owner=owner)
-            if rows and int(labels.max()) >= self._fixed_classes:
-                raise InvalidInputError(
-                    f"{owner}: label {int(labels.max())} is out of range for "
-                    f"num_classes={self._fixed_classes} (valid labels are 0..."
-                    f"{self._fixed_classes - 1})."
-                )
-        for name, g in gates.items():
-            check_gates(g, owner=owner, name=f"gates[{name!r}]")
-            if labels is not None:
-                check_labels(labels, g.shape[0], owner=f"{owner} (site {name!r})")
+        staged: list[tuple[str, SiteStats, tuple[torch.Tensor, torch.Tensor | None]]] = []
         for name, g in gates.items():
             site = self._sites.get(name)
             if site is None:
-                site = SiteStats(g.shape[1], threshold=self.saturation_threshold)
-                self._sites[name] = site
-            site.update(g, labels)
+                shown = f"gates[{name!r}]"
+                channels = check_gates(g, owner=owner, name=shown).shape[1]
+                site = SiteStats(channels, threshold=self.saturation_threshold)
+            batch = site._prepare(
+                g,
+                labels,
+                owner=owner if labels is None else f"{owner} (site {name!r})",
+                name=f"gates[{name!r}]",
+                num_classes=self._fixed_classes,
+            )
+            staged.append((name, site, batch))
+        for name, site, batch in staged:  # everything was accepted: commit
+            self._sites.setdefault(name, site)._fold(batch)
         k = self.num_classes
         for site in self._sites.values():
             site._grow(k)
@@ -352,12 +380,12 @@ class GateStats(Mapping[str, SiteStats]):
         )
 
 
-def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_batch(batch: object) -> tuple[torch.Tensor, Any]:
+    """``(inputs, labels or None)`` from a batch; labels are checked by GateStats.update."""
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], labels
+        return batch[0], batch[1] if len(batch) > 1 else None
     raise InvalidInputError(
         "gate_statistics: each batch must be an input tensor or a tuple (inputs, labels, ...), "
         f"got {type(batch).__name__}."
@@ -381,7 +409,8 @@ def gate_statistics(
     Args:
         model: a model with attention blocks.
         batches: an iterable of input tensors or of ``(inputs, labels, ...)`` tuples,
-            such as a ``DataLoader``; with labels, per-class statistics are kept too.
+            such as a ``DataLoader``; with labels (a tensor, numpy array or list of
+            class indices), per-class statistics are kept too.
         sites: restrict to these blocks (selectors); ``None`` for all.
         num_classes: the number of classes, if known.
         saturation_threshold: see :class:`GateStats`.
@@ -401,14 +430,29 @@ def gate_statistics(
         >>> stats["1"].count, tuple(stats["1"].class_mean.shape), net.training
         (12, (2, 8), True)
     """
+    owner = "gate_statistics"
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}."
+        )
     if max_batches is not None:
-        max_batches = check_positive_int(max_batches, "max_batches", owner="gate_statistics")
+        max_batches = check_positive_int(max_batches, "max_batches", owner=owner)
+    check_bool(eval_mode, "eval_mode", owner=owner)
     if device is None:
-        first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    else:
+        device = check_store_device(device, owner=owner)
+    try:
+        stream = iter(batches)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{owner}: batches must be an iterable of input tensors or (inputs, labels) "
+            f"tuples, such as a DataLoader, got {type(batches).__name__}."
+        ) from None
     stats = GateStats(num_classes=num_classes, saturation_threshold=saturation_threshold)
     with _eval_mode(model, eval_mode), record_gates(model, sites=sites, keep=False) as rec:
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(stream):
             if max_batches is not None and i >= max_batches:
                 break
             inputs, labels = _split_batch(batch)

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import check_positive_int
 from attnblocks.plot._images import check_figsize
-from attnblocks.plot._mpl import new_figure
+from attnblocks.plot._mpl import check_cmap, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,17 +26,32 @@ _NORMALIZE = {
 }
 
 
+#: The most classes a confusion matrix is drawn for (its cells grow as the square).
+MAX_CLASSES = 4096
+
+
 def _labels(values: object, name: str, owner: str) -> torch.Tensor:
     t = values if isinstance(values, torch.Tensor) else None
     if t is None:
-        try:
-            t = torch.as_tensor(values)
-        except (TypeError, ValueError, RuntimeError):
+        if isinstance(values, (str, bytes)) or values is None:
+            t = None
+        else:
+            try:
+                t = torch.as_tensor(values)
+            except (TypeError, ValueError, RuntimeError):
+                t = None
+        if t is None:
             raise InvalidInputError(
                 f"{owner}: {name} must be a 1-D sequence or tensor of class indices, got "
                 f"{type(values).__name__}."
-            ) from None
-    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            )
+        if t.numel() == 0:  # an empty list converts to float32: it is empty, not float
+            t = t.long()
+    if t.is_meta:
+        raise InvalidInputError(
+            f"{owner}: {name} is on the meta device, which holds shapes but no values."
+        )
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InvalidInputError(
             f"{owner}: {name} must be a 1-D tensor of integer class indices, got shape "
             f"{tuple(t.shape)} and dtype {t.dtype}."
@@ -85,6 +101,7 @@ def confusion_matrix(
         raise InvalidArgumentError(
             f"{owner}: unknown normalize {normalize!r}; valid values are {list(_NORMALIZE)}."
         )
+    check_cmap(cmap, owner=owner)
     t = _labels(targets, "targets", owner)
     p = _labels(predictions, "predictions", owner)
     if t.numel() != p.numel():
@@ -94,11 +111,30 @@ def confusion_matrix(
     if t.numel() == 0:
         raise InvalidInputError(f"{owner}: targets and predictions are empty.")
     seen = int(max(int(t.max()), int(p.max()))) + 1
-    k = num_classes if num_classes is not None else len(class_names or []) or seen
-    if isinstance(k, bool) or not isinstance(k, int) or k < seen:
+    if class_names is not None and (
+        isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence)
+    ):
         raise InvalidArgumentError(
-            f"{owner}: num_classes={k!r} is too small for class index {seen - 1} found in the "
-            "targets or predictions."
+            f"{owner}: class_names must be a list of names, one per class, got {class_names!r:.60}."
+        )
+    if num_classes is not None:
+        k = check_positive_int(num_classes, "num_classes", owner=owner)
+        source = f"num_classes={k}"
+    elif class_names is not None:
+        k, source = len(class_names), f"{len(class_names)} class_names"
+    else:
+        k, source = seen, ""
+    if k > MAX_CLASSES:
+        found = f"{source} asks" if source else f"the largest class index found, {seen - 1}, asks"
+        raise InvalidArgumentError(
+            f"{owner}: {found} for {k} classes, more than the {MAX_CLASSES} a confusion matrix "
+            "is drawn for. targets and predictions must be class indices (e.g. "
+            "logits.argmax(1)); check them for sample ids or other large numbers."
+        )
+    if k < seen:
+        raise InvalidArgumentError(
+            f"{owner}: {source} is too few for class index {seen - 1} found in the targets "
+            f"or predictions (indices must be below the number of classes)."
         )
     if class_names is not None and len(class_names) != k:
         raise InvalidArgumentError(f"{owner}: got {len(class_names)} class names for {k} classes.")

@@ -10,9 +10,15 @@ import torch
 
 from attnblocks._errors import ChannelMismatchError, InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
-from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
-from attnblocks.plot._images import check_figsize, check_fraction, to_rgb
-from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.inspect._maps import (
+    MapNormalization,
+    UpsampleMode,
+    check_upsample,
+    normalize_maps,
+    upsample_maps,
+)
+from attnblocks.plot._images import check_figsize, check_fraction, host, to_rgb
+from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,7 +42,12 @@ def _one_map(feature: object, index: int, *, owner: str, name: str) -> torch.Ten
                 f"{feature.shape[0]}."
             )
         feature = feature[index]
-    return feature.detach().float().cpu()
+    if 0 in feature.shape[1:]:
+        raise InvalidInputError(
+            f"{owner}: {name} has maps of shape {tuple(feature.shape[1:])}, with no positions "
+            "to draw."
+        )
+    return host(feature, owner=owner, name=name)
 
 
 def _top_channels(scores: torch.Tensor, k: int) -> list[int]:
@@ -89,6 +100,7 @@ def feature_map_grid(
     """
     owner = "feature_map_grid"
     k = check_positive_int(channels, "channels", owner=owner)
+    check_cmap(cmap, owner=owner)
     if order not in ("activation", "first"):
         raise InvalidArgumentError(
             f"{owner}: unknown order {order!r}; valid values are ['activation', 'first']."
@@ -104,6 +116,7 @@ def feature_map_grid(
         for name, f in features.items()
     }
     rows = len(maps)
+    k = min(k, max(1, *(m.shape[0] for m in maps.values())))  # never more panels than channels
     width, height = check_figsize(
         figsize, (2.6 + 1.05 * k, max(2.8, 1.1 * rows + 0.6)), owner=owner
     )
@@ -191,6 +204,8 @@ def channel_heatmaps(
     """
     owner = "channel_heatmaps"
     k = check_positive_int(k, "k", owner=owner)
+    check_cmap(cmap, owner=owner)
+    check_upsample(None, upsample, owner=owner)
     ncols = check_positive_int(ncols, "ncols", owner=owner)
     alpha = check_fraction(alpha, "alpha", owner=owner)
     if rank_by not in ("activation", "gate"):
@@ -220,7 +235,7 @@ def channel_heatmaps(
                 f"{owner}: gate has {g.numel()} channels but the feature map has {c}; pass "
                 "the gates of the block applied to this feature map."
             )
-        scores = g.detach().float().cpu()
+        scores = host(g, owner=owner, name="gate")
     else:
         scores = fmap.flatten(1).mean(1)
     chosen = _top_channels(scores, k)

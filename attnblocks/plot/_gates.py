@@ -15,8 +15,8 @@ import torch
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
 from attnblocks.inspect._stats import GateStats, SiteStats
-from attnblocks.plot._images import check_figsize
-from attnblocks.plot._mpl import new_figure, require_matplotlib
+from attnblocks.plot._images import check_figsize, host
+from attnblocks.plot._mpl import check_cmap, new_figure, require_matplotlib
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -279,7 +279,8 @@ def _site_vectors(
             raise InvalidInputError(
                 f"{owner}: values[{name!r}] must be a (C,) vector or (N, C) gates, got {got}."
             )
-        out[name] = t.detach().double().cpu() if t.dim() == 1 else t.detach().double().cpu().mean(0)
+        values_of = host(t, owner=owner, name=f"values[{name!r}]", dtype=torch.float64)
+        out[name] = values_of if t.dim() == 1 else values_of.mean(0)
     return out
 
 
@@ -324,6 +325,7 @@ def gate_heatmap(
         ['layer1.se', 'layer2.se']
     """
     owner = "gate_heatmap"
+    check_cmap(cmap, owner=owner)
     if value not in _VALUES:
         raise InvalidArgumentError(
             f"{owner}: unknown value {value!r}; valid values are {list(_VALUES)}."
@@ -344,7 +346,8 @@ def gate_heatmap(
     if finite.numel():
         matrix = torch.where(torch.isinf(matrix), finite.max(), matrix)
     mpl = require_matplotlib()
-    colormap = mpl.colormaps[cmap].with_extremes(bad="#d9d9d9")
+    base = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
+    colormap = base.with_extremes(bad="#d9d9d9")
     norm = None
     if log:
         positive = finite[finite > 0]

@@ -9,9 +9,15 @@ import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
-from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
-from attnblocks.plot._images import as_batch, check_figsize, check_fraction, to_rgb
-from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.inspect._maps import (
+    MapNormalization,
+    UpsampleMode,
+    check_upsample,
+    normalize_maps,
+    upsample_maps,
+)
+from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
+from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,6 +29,11 @@ _SCALE_LABEL = {
     "shared": "Grad-CAM (one [0, 1] scale for all panels)",
     "none": "Grad-CAM (raw values)",
 }
+_SCALE_TITLE = {
+    "image": "Grad-CAM, each panel normalised on its own (per image)",
+    "shared": "Grad-CAM, one shared scale for all panels",
+    "none": "Grad-CAM, raw values on one colour scale",
+}
 
 
 def gradcam_overlay(
@@ -30,13 +41,14 @@ def gradcam_overlay(
     cams: torch.Tensor | Mapping[str, torch.Tensor],
     *,
     titles: Sequence[str] | None = None,
-    normalize: MapNormalization = "shared",
+    normalize: MapNormalization = "image",
     upsample: UpsampleMode = "bilinear",
     alpha: float = 0.5,
     cmap: str = "turbo",
     mean: Sequence[float] | torch.Tensor | None = None,
     std: Sequence[float] | torch.Tensor | None = None,
     max_images: int = 8,
+    title: str | None = None,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Grad-CAM maps over their images: one column per image, one row per map set.
@@ -44,20 +56,24 @@ def gradcam_overlay(
     The first row shows the images; each further row overlays one set of maps, e.g.
     ``{"ResNet-20": cams_a, "SE-ResNet-20": cams_b}`` from
     :func:`attnblocks.inspect.grad_cam` with ``normalize="none"``. The default
-    ``normalize="shared"`` puts every panel on one colour scale, so a weaker map
-    looks weaker; ``"image"`` rescales each panel on its own.
+    ``normalize="image"`` rescales each panel to [0, 1] on its own, the convention of
+    Grad-CAM figures (pytorch-grad-cam, TorchCAM): where each model looks on each
+    image. ``"shared"`` puts every panel on one colour scale instead, so a weaker map
+    looks weaker (and a map much weaker than the strongest one nearly blank). The
+    figure's title and colour bar say which scale is shown.
 
     Args:
         images: ``(N, 3, H, W)`` or ``(N, 1, H, W)`` inputs (or one ``(C, H, W)``).
         cams: raw maps ``(N, h, w)``, or a mapping of labelled map sets.
         titles: one column title per image, e.g. ``"cat -> dog (0.87)"``.
-        normalize: ``"shared"``, ``"image"`` or ``"none"`` (raw values, one colour
-            scale for all panels), see :func:`attnblocks.inspect.normalize_maps`.
+        normalize: ``"image"`` (per image), ``"shared"`` or ``"none"`` (raw values,
+            one colour scale for all panels), see :func:`attnblocks.inspect.normalize_maps`.
         upsample: the interpolation that brings maps to image size.
         alpha: opacity of the heat map.
         cmap: the colour map.
         mean, std: the normalisation of the images, undone for display.
         max_images: show at most this many images.
+        title: the figure title; by default it names the scale shown.
         figsize: ``(width, height)`` in inches; chosen from the grid size if ``None``.
 
     Returns:
@@ -70,6 +86,8 @@ def gradcam_overlay(
         ...                       {"A": torch.rand(2, 8, 8), "B": torch.rand(2, 8, 8)})
         >>> len(fig.axes)  # 3 rows x 2 images and a colour bar
         7
+        >>> fig.get_suptitle()
+        'Grad-CAM, each panel normalised on its own (per image)'
     """
     owner = "gradcam_overlay"
     alpha = check_fraction(alpha, "alpha", owner=owner)
@@ -78,6 +96,8 @@ def gradcam_overlay(
         raise InvalidArgumentError(
             f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALE_LABEL)}."
         )
+    check_cmap(cmap, owner=owner)
+    check_upsample(None, upsample, owner=owner)
     batch = as_batch(images, owner=owner)
     n = min(batch.shape[0], max_images)
     sets = dict(cams) if isinstance(cams, Mapping) else {"Grad-CAM": cams}
@@ -92,7 +112,12 @@ def gradcam_overlay(
                 f"{owner}: cams[{label!r}] must be a tensor (N, h, w) with N = "
                 f"{batch.shape[0]} (one map per image), got {got}."
             )
-        resized[label] = upsample_maps(maps[:n].detach().float().cpu(), size, mode=upsample)
+        if 0 in maps.shape[1:]:
+            raise InvalidInputError(
+                f"{owner}: cams[{label!r}] of shape {tuple(maps.shape)} has no positions to draw."
+            )
+        shown = host(maps[:n], owner=owner, name=f"cams[{label!r}]")
+        resized[label] = upsample_maps(shown, size, mode=upsample)
     scaled = normalize_maps(resized, normalize)
     if normalize == "none":
         vmin = min(float(m.min()) for m in scaled.values())
@@ -126,4 +151,5 @@ def gradcam_overlay(
         scalar_mappable(cmap, vmin, vmax), ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.02
     )
     bar.set_label(_SCALE_LABEL[normalize], fontsize=8)
+    fig.suptitle(_SCALE_TITLE[normalize] if title is None else str(title), fontsize=10)
     return fig

@@ -13,7 +13,7 @@ from attnblocks._errors import InvalidArgumentError, InvalidInputError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["as_batch", "check_figsize", "check_fraction", "to_rgb"]
+__all__ = ["as_batch", "check_figsize", "check_fraction", "host", "to_rgb"]
 
 #: How far outside [0, 1] an image may reach before it is taken for a still-normalised one.
 _RANGE_SLACK = 0.02
@@ -44,6 +44,18 @@ def check_fraction(value: object, name: str, *, owner: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
         raise InvalidArgumentError(f"{owner}: {name} must be a number in [0, 1], got {value!r}.")
     return float(value)
+
+
+def host(
+    t: torch.Tensor, *, owner: str, name: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A detached CPU copy of ``t`` in ``dtype`` to draw; a meta tensor (no values) is refused."""
+    if t.is_meta:
+        raise InvalidInputError(
+            f"{owner}: {name} is on the meta device, which holds shapes but no values; "
+            "there is nothing to draw."
+        )
+    return t.detach().to(device="cpu", dtype=dtype)
 
 
 def _stat(
@@ -82,6 +94,10 @@ def to_rgb(
     if not isinstance(image, torch.Tensor):
         raise InvalidInputError(
             f"{owner}: image must be a torch.Tensor (C, H, W), got {type(image).__name__}."
+        )
+    if image.is_meta:
+        raise InvalidInputError(
+            f"{owner}: image is on the meta device, which holds shapes but no values."
         )
     x = image.detach().cpu()
     if x.dim() == 2:
@@ -123,4 +139,10 @@ def as_batch(images: Any, *, owner: str, name: str = "images") -> torch.Tensor:
         raise InvalidInputError(
             f"{owner}: {name} must be a tensor (N, C, H, W) or one image (C, H, W), got {got}."
         )
-    return images[None] if images.dim() == 3 else images
+    batch = images[None] if images.dim() == 3 else images
+    if batch.shape[0] == 0:
+        raise InvalidInputError(
+            f"{owner}: {name} is an empty batch (shape {tuple(images.shape)}); give at least "
+            "one image."
+        )
+    return batch

@@ -10,11 +10,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from attnblocks._errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-__all__ = ["INSTALL_HINT", "new_figure", "require_matplotlib", "scalar_mappable"]
+__all__ = ["INSTALL_HINT", "check_cmap", "new_figure", "require_matplotlib", "scalar_mappable"]
 
 INSTALL_HINT = (
     "attnblocks.plot needs matplotlib, which is not installed. Install it with "
@@ -31,6 +33,33 @@ def require_matplotlib() -> ModuleType:
     except ImportError:
         raise ImportError(INSTALL_HINT, name="matplotlib") from None
     return matplotlib
+
+
+def check_cmap(cmap: object, *, owner: str) -> None:
+    """Check that ``cmap`` is a registered matplotlib colour map name or a ``Colormap``.
+
+    >>> check_cmap("viridis", owner="demo")
+    >>> check_cmap("viridi", owner="demo")
+    Traceback (most recent call last):
+    ...
+    attnblocks._errors.InvalidArgumentError: demo: cmap must be a matplotlib colour map name ...
+    """
+    require_matplotlib()
+    import difflib
+
+    import matplotlib as mpl
+    from matplotlib.colors import Colormap
+
+    if isinstance(cmap, Colormap) or (isinstance(cmap, str) and cmap in mpl.colormaps):
+        return
+    names = sorted(mpl.colormaps)
+    close = difflib.get_close_matches(cmap, names, n=3) if isinstance(cmap, str) else []
+    hint = f" Did you mean {close}?" if close else ""
+    raise InvalidArgumentError(
+        f"{owner}: cmap must be a matplotlib colour map name (e.g. 'viridis', 'turbo', "
+        f"'Blues'; all {len(names)} are in matplotlib.colormaps) or a Colormap, got "
+        f"{cmap!r}.{hint}"
+    )
 
 
 def new_figure(figsize: tuple[float, float], *, dpi: float = 100) -> Figure:

@@ -9,9 +9,9 @@ import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_positive_int
-from attnblocks.inspect._maps import UpsampleMode, normalize_maps, upsample_maps
-from attnblocks.plot._images import as_batch, check_figsize, check_fraction, to_rgb
-from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.inspect._maps import UpsampleMode, check_upsample, normalize_maps, upsample_maps
+from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
+from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,7 +45,11 @@ def _as_maps(maps: object, n: int, *, owner: str, label: str) -> torch.Tensor:
             f"attnblocks.inspect.record_maps); got {got}. Only 2D maps can be drawn over "
             "images."
         )
-    maps = maps.detach().float().cpu()
+    if 0 in maps.shape[-2:]:
+        raise InvalidInputError(
+            f"{owner}: maps[{label!r}] of shape {tuple(maps.shape)} has no positions to draw."
+        )
+    maps = host(maps, owner=owner, name=f"maps[{label!r}]")
     return maps[:, None] if maps.dim() == 3 else maps
 
 
@@ -131,6 +135,8 @@ def spatial_map_overlay(
         raise InvalidArgumentError(
             f"{owner}: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
         )
+    check_cmap(cmap, owner=owner)
+    check_upsample(None, upsample, owner=owner)
     batch = as_batch(images, owner=owner)
     n = min(batch.shape[0], max_images)
     sets = dict(maps) if isinstance(maps, Mapping) else {"spatial map": maps}

@@ -9,8 +9,8 @@ from torch import nn
 
 from attnblocks._errors import SurgeryError
 from attnblocks.surgery._attach import attach_block, detach_block
-from attnblocks.surgery._prepare import prepare
-from attnblocks.surgery._probe import ExampleInput, run_probe
+from attnblocks.surgery._prepare import PreparedSite, prepare
+from attnblocks.surgery._probe import ExampleInput, OutputRecord, describe_example_input, run_probe
 from attnblocks.surgery._selectors import Selector
 
 __all__ = ["insert_attention", "insert_se"]
@@ -35,12 +35,15 @@ def insert_attention(
     ``nn.Sequential``, as its last stage. So every original state-dict key keeps
     its name and order, :func:`remove_attention` gives the original model back,
     and the model still works with ``copy.deepcopy``, pickle, ``torch.compile``,
-    ``torch.export``, channels_last and ``.to(dtype)``.
+    ``torch.export``, channels_last and ``.to(dtype)``. Each block is placed on its
+    site's device and dtype and starts in its site's train/eval mode (an eval-mode
+    model gets eval-mode blocks).
 
     Everything is checked before anything changes, so a call that raises leaves
     the model exactly as it was. With ``example_input``, the model is also run once
-    more after the insertion to check that each block runs exactly once; if not,
-    the insertion is undone and an error is raised.
+    more after the insertion to check that each block runs exactly once and
+    returns a tensor of its input's shape; if not, or if a block fails, the
+    insertion is undone and an error naming the block and its site is raised.
 
     Args:
         model: the model to modify (an eager ``nn.Module``; a
@@ -49,7 +52,8 @@ def insert_attention(
             ``model.named_modules()`` (``"layer1.0.bn2"``), ``fnmatch`` globs
             (``"layer*.*.bn3"``; ``*`` also matches dots), regexes prefixed with
             ``"re:"`` matched against the whole name, ``nn.Module`` classes (every
-            instance) and predicates ``(name, module) -> bool``. Every selector
+            instance), ``nn.Module`` objects of the model (``model.layer1[0].bn2``,
+            by identity) and predicates ``(name, module) -> bool``. Every selector
             must match at least one module.
         block: a registered block name (see :func:`attnblocks.available_blocks`) or
             a block class taking ``(channels, **options)``.
@@ -89,7 +93,7 @@ def insert_attention(
           channels=32, hidden_channels=4, gate_scale=2.0
           ...
         )
-        >>> torch.allclose(net(x), before, atol=1e-6)
+        >>> torch.equal(net(x), before)  # bit for bit
         True
         >>> torch.equal(remove_attention(net)(x), before)
         True
@@ -185,7 +189,11 @@ def _insert(
             attached.append((site.module, prep.attr))
         if example_input is not None and prep.sites:
             blocks = [site.block for site in prep.sites]
-            probe = run_probe(model, example_input, blocks, owner=owner)
+
+            def blame(index: int | None, records: Sequence[OutputRecord], err: Exception) -> str:
+                return _check_failure(prep.sites, index, records, err, example_input, owner)
+
+            probe = run_probe(model, example_input, blocks, owner=owner, describe_failure=blame)
             for site, record in zip(prep.sites, probe.records, strict=True):
                 if record.calls != 1:
                     raise SurgeryError(
@@ -195,8 +203,61 @@ def _insert(
                         "iterates over its own children. The insertion was undone; select "
                         "another module."
                     )
+                problem = _output_problem(site, record)
+                if problem is not None:
+                    raise SurgeryError(
+                        f"{owner}: after insertion, {problem} The insertion was undone."
+                    )
     except BaseException:
         for module, attr in reversed(attached):
             detach_block(module, attr)
         raise
     return model
+
+
+def _output_problem(site: PreparedSite, record: OutputRecord) -> str | None:
+    """Why a block's output in the check forward pass is wrong, or None if it is fine."""
+    if record.shape is not None and record.shape == record.input_shape:
+        return None
+    got = f"shape {record.shape}" if record.shape is not None else f"a {record.type_name}"
+    return (
+        f"the {type(site.block).__name__} at {site.name!r} ({type(site.module).__name__}) "
+        f"returned {got} for its input of shape {record.input_shape}; an attention block "
+        "must return a tensor of its input's shape."
+    )
+
+
+def _check_failure(
+    sites: list[PreparedSite],
+    index: int | None,
+    records: Sequence[OutputRecord],
+    err: Exception,
+    example_input: object,
+    owner: str,
+) -> str:
+    """The message for a forward pass that ran before the insertion and fails after it."""
+    text = str(err).strip()
+    failure = f"{type(err).__name__}: {text.rstrip('.')}"
+    if index is None:
+        for site, record in zip(sites, records, strict=True):
+            problem = _output_problem(site, record) if record.calls else None
+            if problem is not None:
+                return (
+                    f"{owner}: after insertion, {problem} The model then failed with "
+                    f"{failure}. The insertion was undone."
+                )
+        return (
+            f"{owner}: after insertion, the forward pass with example_input "
+            f"{describe_example_input(example_input)} failed with {failure}. It ran "
+            "before the insertion, so an inserted block changed something the rest of "
+            "the model relies on. The insertion was undone."
+        )
+    site = sites[index]
+    shape = records[index].input_shape
+    on = f" on the output of shape {shape}" if shape is not None else ""
+    return (
+        f"{owner}: after insertion, the {type(site.block).__name__} at {site.name!r} "
+        f"({type(site.module).__name__}) failed{on} with {failure}. The insertion was "
+        "undone; this block cannot gate that site's output: select another module or "
+        "use another block or block options."
+    )

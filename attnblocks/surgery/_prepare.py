@@ -17,15 +17,23 @@ from torch import nn
 
 from attnblocks._errors import AttnBlocksError, InvalidArgumentError, SurgeryError
 from attnblocks.blocks import available_blocks, create_block, get_block_class
-from attnblocks.surgery._attach import AttachMode, attached_blocks
-from attnblocks.surgery._channels import infer_channels, is_channels_last_norm
+from attnblocks.surgery._attach import (
+    AttachMode,
+    attached_blocks,
+    attached_child,
+    attached_modules,
+    hooked_attrs,
+)
+from attnblocks.surgery._channels import infer_channels, infer_spatial_ranks, is_channels_last_norm
 from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
+from attnblocks.surgery._record import remember_insertion
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
 
 _INIT_MODES = ("default", "identity")
 _MIN_DIMS, _MAX_DIMS = 3, 5  # (N, C) plus 1 to 3 spatial dimensions
+_MAX_BRANCHES = 5  # uncalled branches a suggested selector leaves out, at most
 
 
 @dataclass
@@ -77,10 +85,8 @@ def _inserted_module_ids(model: nn.Module) -> set[int]:
     """Ids of every module that is, or is inside, a block attached by attnblocks."""
     found: set[int] = set()
     for host in model.modules():
-        for attr in attached_blocks(host):
-            child = host._modules.get(attr)
-            if child is not None:
-                found.update(id(m) for m in child.modules())
+        for child in attached_modules(host):
+            found.update(id(m) for m in child.modules())
     return found
 
 
@@ -120,6 +126,28 @@ def _placement(
     return None, None
 
 
+def _place(
+    block: nn.Module, device: torch.device, dtype: torch.dtype | None, *, reinit: bool
+) -> nn.Module:
+    """Move ``block`` to ``device``/``dtype``; an identity block is re-initialised there.
+
+    An identity start may cancel values computed at construction (in the default
+    dtype, on the CPU); recomputing them where the block will run keeps it exact.
+    """
+
+    def where() -> tuple[torch.dtype, torch.device] | None:
+        first = next(iter(block.parameters()), None)
+        return None if first is None else (first.dtype, first.device)
+
+    before = where()
+    block = block.to(device=device, dtype=dtype)
+    moved = before is not None and where() != before
+    reset = getattr(block, "reset_parameters", None)
+    if reinit and moved and callable(reset):
+        reset()
+    return block
+
+
 def _site_problem(
     name: str,
     module: nn.Module,
@@ -153,14 +181,25 @@ def _site_problem(
             f"{label} is registered under several names {list(aliases)}: one module "
             "object used at several places cannot take a block for just one of them."
         )
-    existing = attached_blocks(module)
-    for other in existing:
-        child = module._modules.get(other)
-        if isinstance(child, block_class):
+    for other in attached_blocks(module):
+        found = attached_child(module, other)
+        if found is not None and isinstance(found[1], block_class):
             return (
                 f"{label} already has a {block_class.__name__} inserted as {other!r}; "
                 "inserting twice at the same site would stack two blocks. Call "
                 "remove_attention(model) (or remove_se) first to start again."
+            )
+    if attr in attached_blocks(module) or attr in hooked_attrs(module):
+        if attached_child(module, attr) is None:
+            return (
+                f"{label} still carries the forward hook of a block {attr!r} that was "
+                "deleted by hand; a new block would be applied twice. Call "
+                "remove_attention(model) (or remove_se) first: it drops such leftovers."
+            )
+        if not hasattr(module, attr):  # an appended block renumbered by its Sequential
+            return (
+                f"{label} already has a block inserted as {attr!r}. Pass "
+                "name='<another identifier>' or remove it first with remove_attention."
             )
     if hasattr(module, attr):
         current = getattr(module, attr)
@@ -208,6 +247,119 @@ def _record_problem(
             "(N, C, *spatial)."
         )
     return None
+
+
+def _lazy_module_names(model: nn.Module) -> list[str]:
+    """Qualified names of the modules holding uninitialised (lazy) parameters or buffers."""
+    return [
+        repr(name) if name else "the model itself"
+        for name, module in model.named_modules()
+        if any(
+            torch.nn.parameter.is_lazy(tensor)
+            for tensor in [*module._parameters.values(), *module._buffers.values()]
+            if tensor is not None
+        )
+    ]
+
+
+_RANK_TEXT = {
+    0: "(N, C) vectors",
+    1: "1D feature maps (N, C, L)",
+    2: "2D feature maps (N, C, H, W)",
+    3: "3D feature maps (N, C, D, H, W)",
+}
+
+
+def _rank_problem(
+    name: str, module: nn.Module, block: nn.Module, record: OutputRecord | None
+) -> str | None:
+    """Why ``block`` cannot gate ``module``'s output because of its rank, or None."""
+    dims = getattr(block, "spatial_dims", None)
+    if not isinstance(dims, tuple) or not dims:
+        return None
+    if record is not None and record.shape is not None:
+        ranks: frozenset[int] | None = frozenset({len(record.shape) - 2})
+        seen = f"returns shape {record.shape} with example_input"
+    else:
+        ranks = infer_spatial_ranks(module)
+        seen = "outputs " + " or ".join(
+            _RANK_TEXT.get(r, f"{r}D maps") for r in sorted(ranks or ())
+        )
+    if ranks is None or ranks & set(dims):
+        return None
+    kind = type(block).__name__
+    label = f"module {name!r} ({type(module).__name__})" if name else "the model itself"
+    wanted = " or ".join(_RANK_TEXT.get(d, f"{d}D maps") for d in dims)
+    others = [
+        n
+        for n in available_blocks()
+        if ranks & set(getattr(get_block_class(n), "spatial_dims", ()))
+    ]
+    return (
+        f"{kind} gates {wanted} only, but {label} {seen}, so the model would fail at "
+        f"its first forward pass. Select a module whose output has the rank {kind} "
+        f"needs, or use a block that accepts this one: {others}."
+    )
+
+
+def _not_called_hint(
+    selected: Sequence[tuple[str, nn.Module]],
+    records: Sequence[OutputRecord],
+    layers: Sequence[Selector],
+) -> str:
+    """The other uncalled sites, and a selector that leaves out the branches holding them.
+
+    A branch is the shortest name prefix of an uncalled site under which no selected
+    module was called: for torchvision's inception_v3 ``AuxLogits``, for googlenet
+    ``aux1`` and ``aux2`` (auxiliary heads run in training mode only).
+    """
+    uncalled = [name for (name, _), r in zip(selected, records, strict=True) if r.calls == 0]
+    busy: set[str] = set()  # every prefix of a called site
+    for (name, _), record in zip(selected, records, strict=True):
+        if record.calls:
+            parts = name.split(".")
+            busy.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    found: dict[str, None] = {}  # the branches, in order
+    for name in uncalled:
+        parts = name.split(".")
+        prefixes = [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+        if not any(prefix in found for prefix in prefixes):
+            found[next((p for p in prefixes if p not in busy), name)] = None
+    branches = list(found)
+    hint = ""
+    if len(uncalled) > 1:
+        shown = ", ".join(repr(n) for n in uncalled[1:6])
+        more = f" and {len(uncalled) - 6} more" if len(uncalled) > 6 else ""
+        hint += f" Not called either: {shown}{more}."
+    hint += (
+        " The model runs in eval mode for this check, so branches used in training only, "
+        "such as auxiliary classifiers (torchvision's inception_v3 AuxLogits, googlenet "
+        "aux1 and aux2), do not run."
+    )
+    if not branches or "" in branches or len(branches) > _MAX_BRANCHES:
+        return hint
+    starts = tuple(b + "." for b in branches)
+    subject = "(name + '.')" if any(b in uncalled for b in branches) else "name"
+    target = starts[0] if len(starts) == 1 else starts
+    test = f"{subject}.startswith({target!r})"
+    classes = [s for s in layers if isinstance(s, type)]
+    if classes and len(classes) == len(layers):
+        names = [_class_text(c) for c in classes]
+        which = names[0] if len(names) == 1 else "(" + ", ".join(names) + ")"
+        predicate = f"lambda name, m: isinstance(m, {which}) and not {test}"
+    else:
+        predicate = f"lambda name, m: <your selection> and not {test}"
+    shown_branches = ", ".join(repr(b) for b in branches)
+    return (
+        f"{hint} Leave out {shown_branches} with a predicate selector, e.g. layers=[{predicate}]."
+    )
+
+
+def _class_text(cls: type) -> str:
+    """How a class is written in a suggested selector (``nn.Conv2d`` for torch.nn)."""
+    if cls.__module__.startswith("torch.nn.modules"):
+        return f"nn.{cls.__qualname__}"
+    return cls.__qualname__
 
 
 def prepare(
@@ -299,6 +451,17 @@ def prepare(
     records: list[OutputRecord | None] = [None] * len(selected)
     model_macs: int | None = None
     if example_input is not None:
+        lazy = _lazy_module_names(model)
+        if lazy:
+            shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
+            raise SurgeryError(
+                f"{owner}: the model has lazy modules whose parameters are not "
+                f"initialised yet ({shown}); the forward pass with example_input would "
+                "initialise them and fix their input sizes, which a refused call or a dry "
+                "run must not do. Run one forward pass first (model(example_input)), then "
+                f"call {owner} again; or leave example_input out if every site's channels "
+                "can be read from the module itself (e.g. LazyConv2d.out_channels)."
+            )
         probe = run_probe(
             model, example_input, [m for _, m in selected], owner=owner, count_macs=count_macs
         )
@@ -308,6 +471,8 @@ def prepare(
             expected = info.channels if info is not None else None
             problem = _record_problem(site_name, module, probed, expected)
             if problem is not None:
+                if probed.calls == 0:
+                    problem += _not_called_hint(selected, probe.records, layers)
                 raise SurgeryError(f"{owner}: {problem}")
     else:
         unknown = [
@@ -338,9 +503,19 @@ def prepare(
                 f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
                 f"module {site_name!r}: {err}"
             ) from None
+        except Exception as err:  # a third-party block's own failure (or memory)
+            raise InvalidArgumentError(
+                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+                f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
+            ) from err
+        problem = _rank_problem(site_name, module, built, record)
+        if problem is not None:
+            raise SurgeryError(f"{owner}: {problem}")
         device, dtype = _placement(module, record, model) if place else (None, None)
         if device is not None:
-            built = built.to(device=device, dtype=dtype)
+            built = _place(built, device, dtype, reinit=init == "identity")
+        built.train(module.training)  # the block runs in its host's mode
+        remember_insertion(built, block_name, init, options, channels)
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
         shape = record.shape if record is not None else None
         sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))

@@ -10,14 +10,14 @@ called more than once and cannot host an attention block safely.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from attnblocks._errors import InvalidArgumentError
+from attnblocks._errors import InvalidArgumentError, SurgeryError
 
 __all__ = ["ExampleInput", "OutputRecord", "ProbeResult", "describe_example_input", "run_probe"]
 
@@ -36,6 +36,7 @@ class OutputRecord:
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    input_shape: tuple[int, ...] | None = None  # of the first call's first argument
 
     @property
     def is_tensor(self) -> bool:
@@ -76,13 +77,28 @@ def _call(model: nn.Module, example_input: object) -> object:
     return model(example_input)
 
 
+class _Enter:
+    """A forward pre-hook that notes which recorded module is running (innermost last)."""
+
+    def __init__(self, index: int, record: OutputRecord, running: list[int]) -> None:
+        self.index, self.record, self.running = index, record, running
+
+    def __call__(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        self.running.append(self.index)
+        if self.record.input_shape is None and args and isinstance(args[0], torch.Tensor):
+            self.record.input_shape = tuple(args[0].shape)
+
+
 class _Recorder:
     """A forward hook that counts calls and keeps the first output's metadata."""
 
-    def __init__(self, record: OutputRecord) -> None:
+    def __init__(self, record: OutputRecord, running: list[int] | None = None) -> None:
         self.record = record
+        self.running = running
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        if self.running:
+            self.running.pop()
         record = self.record
         record.calls += 1
         if record.calls > 1:
@@ -101,6 +117,7 @@ def run_probe(
     *,
     owner: str,
     count_macs: bool = False,
+    describe_failure: Callable[[int | None, Sequence[OutputRecord], Exception], str] | None = None,
 ) -> ProbeResult:
     """Run ``model`` once on ``example_input`` and record each module's output.
 
@@ -113,6 +130,11 @@ def run_probe(
         owner: the public function running the probe, used in messages.
         count_macs: also count the model's multiply-accumulates in matrix
             multiplications and convolutions (:mod:`torch.utils.flop_counter`).
+        describe_failure: if given, a failing forward pass raises a
+            :class:`~attnblocks.SurgeryError` with the message this returns, instead
+            of blaming ``example_input``. It is called with the index of the
+            innermost of ``modules`` that was running when the exception was raised
+            (None if none was), the records so far and the exception.
 
     Returns:
         One :class:`OutputRecord` per module, in the given order.
@@ -120,6 +142,7 @@ def run_probe(
     Raises:
         InvalidArgumentError: if ``example_input`` has an unsupported type or the
             forward pass fails (the original exception is chained).
+        SurgeryError: if the forward pass fails and ``describe_failure`` is given.
 
     Example:
         >>> import torch
@@ -138,9 +161,11 @@ def run_probe(
     result = ProbeResult(records=[OutputRecord() for _ in modules])
     flags = [(module, module.training) for module in model.modules()]
     handles = []
+    running: list[int] = []  # indices of the recorded modules running now
     try:
-        for module, record in zip(modules, result.records, strict=True):
-            handles.append(module.register_forward_hook(_Recorder(record)))
+        for index, (module, record) in enumerate(zip(modules, result.records, strict=True)):
+            handles.append(module.register_forward_pre_hook(_Enter(index, record, running)))
+            handles.append(module.register_forward_hook(_Recorder(record, running)))
         model.eval()
         with torch.no_grad():
             if count_macs:
@@ -153,6 +178,9 @@ def run_probe(
             else:
                 _call(model, example_input)
     except Exception as err:
+        if describe_failure is not None:
+            culprit = running[-1] if running else None
+            raise SurgeryError(describe_failure(culprit, result.records, err)) from err
         raise InvalidArgumentError(
             f"{owner}: the forward pass with example_input "
             f"{describe_example_input(example_input)} failed with {type(err).__name__}: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks.surgery._attach import attached_blocks, detach_block
+from attnblocks.surgery._attach import attached_blocks, attached_child, detach_block, hooked_attrs
 from attnblocks.surgery._prepare import block_identity
 
 __all__ = ["remove_attention", "remove_se"]
@@ -18,6 +18,12 @@ def remove_attention(model: nn.Module, *, block: str | type[nn.Module] | None = 
     the same order and bit-identical outputs as the model had before insertion.
     Modules without inserted blocks are left alone; a model without any is returned
     unchanged.
+
+    Hand edits are repaired rather than refused: the leftovers of a block deleted by
+    hand (``del model.layer1[0].bn2.se`` leaves the hook that applied it) are
+    dropped whatever ``block`` says, and a block appended to an ``nn.Sequential``
+    is found even after ``del seq[0]`` or ``seq.pop(0)`` renumbered its keys. So
+    the model returned always runs.
 
     Args:
         model: a model modified by :func:`insert_attention` or :func:`insert_se`
@@ -44,7 +50,8 @@ def remove_attention(model: nn.Module, *, block: str | type[nn.Module] | None = 
 def remove_se(model: nn.Module) -> nn.Module:
     """Remove the SE blocks that :func:`insert_se` added, in place.
 
-    :func:`remove_attention` restricted to SE blocks; blocks of other kinds stay.
+    :func:`remove_attention` restricted to SE blocks; blocks of other kinds stay
+    (leftovers of blocks deleted by hand are dropped, as there).
 
     Example:
         >>> from torch import nn
@@ -65,8 +72,10 @@ def _remove(model: nn.Module, *, block: str | type[nn.Module] | None, owner: str
         )
     block_class = None if block is None else block_identity(block, owner=owner)[0]
     for module in list(model.modules()):
-        for attr in attached_blocks(module):
-            child = module._modules.get(attr)
-            if block_class is None or isinstance(child, block_class):
+        # recorded blocks, and hooks of ours whose record was lost, each name once
+        attrs = dict.fromkeys([*attached_blocks(module), *hooked_attrs(module)])
+        for attr in attrs:
+            found = attached_child(module, attr)
+            if found is None or block_class is None or isinstance(found[1], block_class):
                 detach_block(module, attr)
     return model

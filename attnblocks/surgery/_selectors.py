@@ -9,10 +9,17 @@ A selector is one of
 * a regular expression prefixed with ``"re:"``, matched against the whole name
   (:func:`re.fullmatch`), e.g. ``"re:layer[12]\\.\\d+\\.bn3"``;
 * an ``nn.Module`` subclass: every instance of it (:func:`isinstance`);
+* an ``nn.Module`` object, e.g. ``model.layer1[0].bn2``: that very module
+  (matched by identity, under whatever name it has);
 * a predicate ``(name, module) -> bool``.
 
 Patterns, classes and predicates never select the model itself (the root module,
-whose name is ``""``); only the exact selector ``""`` does.
+whose name is ``""``); only the exact selector ``""`` or the model object does.
+
+Resolution is linear in the number of modules plus selectors: exact names and
+module objects are dictionary look-ups, globs and regexes are compiled once,
+class selectors are tested once per module type, and each glob, regex and
+predicate is tried once per module name.
 
 Every selector must match at least one module. When one does not,
 :func:`resolve_selectors` raises a :class:`~attnblocks.SelectorError` that repeats
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,16 +39,46 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from attnblocks._errors import SelectorError
+from attnblocks.blocks._options import check_bool
 
 __all__ = ["Selector", "describe_selector", "resolve_selectors"]
 
 #: What a selector may be: a name, a glob, an ``"re:"`` regex, an ``nn.Module``
-#: subclass, or a predicate called as ``predicate(name, module)``.
-Selector = str | type[nn.Module] | Callable[[str, nn.Module], bool]
+#: subclass, an ``nn.Module`` object (matched by identity), or a predicate called
+#: as ``predicate(name, module)``.
+Selector = str | type[nn.Module] | nn.Module | Callable[[str, nn.Module], bool]
 
 _GLOB_CHARS = frozenset("*?[")
 _REGEX_PREFIX = "re:"
 _MAX_SUGGESTIONS = 5
+# With strict=False, at most this many unmatched selectors get a warning with
+# suggestions of their own (each suggestion scans every module name); the rest
+# are listed together in one warning.
+_MAX_DETAILED_WARNINGS = 5
+_MAX_REPR = 60
+_MAX_QUOTE = 120  # longest repr of a user's value quoted in a message
+
+
+def _quote(value: object) -> str:
+    """``repr(value)`` for a message, cut to one short line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 5] + " ...>"
+
+
+def describe_module(module: nn.Module) -> str:
+    """A one-line description of a module object, e.g. ``BatchNorm2d(8, eps=1e-05, ...)``.
+
+    >>> from torch import nn
+    >>> describe_module(nn.Conv2d(3, 8, 1))
+    'Conv2d(3, 8, kernel_size=(1, 1), stride=(1, 1))'
+    """
+    try:
+        extra = module.extra_repr().replace("\n", " ")
+    except Exception:  # a broken extra_repr must not hide the real message
+        extra = ""
+    if len(extra) > _MAX_REPR:  # cut after a whole argument
+        extra = extra[:_MAX_REPR].rsplit(", ", 1)[0] + ", ..."
+    return f"{type(module).__name__}({extra})"
 
 
 def describe_selector(selector: object) -> str:
@@ -51,11 +89,31 @@ def describe_selector(selector: object) -> str:
     ("'layer*.bn3'", 'class torch.nn.modules.conv.Conv2d')
     """
     if isinstance(selector, str):
-        return repr(selector)
+        return _quote(selector)
     if isinstance(selector, type):
         return f"class {selector.__module__}.{selector.__qualname__}"
+    if isinstance(selector, nn.Module):
+        return f"module object {describe_module(selector)}"
     name = getattr(selector, "__qualname__", None) or type(selector).__qualname__
     return f"predicate {name}"
+
+
+def _check_predicate_arity(predicate: Callable[..., object], *, owner: str) -> None:
+    """Refuse a predicate that cannot be called as ``predicate(name, module)``."""
+    try:
+        signature = inspect.signature(predicate)
+    except (TypeError, ValueError):  # builtins without a signature: checked when called
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        raise SelectorError(
+            f"{owner}: the {describe_selector(predicate)} cannot be called as "
+            f"predicate(name, module): its signature is {signature}. A predicate "
+            "selector takes two positional arguments, the qualified module name and "
+            "the module, and returns True or False, e.g. "
+            "lambda name, module: name.endswith('bn2')."
+        ) from None
 
 
 class _Matcher:
@@ -67,6 +125,7 @@ class _Matcher:
         self.text: str = ""  # the string selector (for names, globs and regexes)
         self.pattern: re.Pattern[str] | None = None
         self.cls: type[nn.Module] | None = None
+        self.module: nn.Module | None = None
         self.predicate: Callable[[str, nn.Module], object] | None = None
         if isinstance(selector, str):
             self.text = selector
@@ -82,6 +141,7 @@ class _Matcher:
                     ) from None
             elif _GLOB_CHARS & set(selector):
                 self.kind = "glob"
+                self.pattern = re.compile(fnmatch.translate(selector))
             else:
                 self.kind = "name"
         elif isinstance(selector, type):
@@ -93,34 +153,44 @@ class _Matcher:
                 )
             self.kind = "class"
             self.cls = selector
+        elif isinstance(selector, nn.Module):  # before callable(): modules are callable
+            self.kind = "module"
+            self.module = selector
         elif callable(selector):
+            _check_predicate_arity(selector, owner=owner)
             self.kind = "predicate"
             self.predicate = selector
         else:
             raise SelectorError(
                 f"{owner}: a selector must be a module name, a glob, an 're:' regex, an "
-                "nn.Module subclass or a predicate (name, module) -> bool; got "
-                f"{selector!r} (type {type(selector).__name__})."
+                "nn.Module subclass, an nn.Module object of the model or a predicate "
+                f"(name, module) -> bool; got {_quote(selector)} (type {type(selector).__name__})."
             )
 
     def matches(self, name: str, module: nn.Module) -> bool:
-        if self.kind == "name":
-            return name == self.text
-        if name == "":  # patterns, classes and predicates never select the root
-            return False
-        if self.kind == "glob":
-            return fnmatch.fnmatchcase(name, self.text)
-        if self.pattern is not None:
+        """Whether a glob, regex or predicate selects ``(name, module)``.
+
+        :func:`resolve_selectors` calls it once per non-root module name, and only
+        for these kinds: exact names, module objects and classes are looked up.
+        """
+        if self.pattern is not None:  # globs (translated) and regexes
             return self.pattern.fullmatch(name) is not None
-        if self.cls is not None:
-            return isinstance(module, self.cls)
-        if self.predicate is None:  # pragma: no cover - every kind is handled above
+        if self.predicate is None:  # pragma: no cover - only the kinds above get here
             return False
-        result = self.predicate(name, module)
+        try:
+            result = self.predicate(name, module)
+        except Exception as err:
+            raise SelectorError(
+                f"{self.owner}: the {describe_selector(self.selector)} raised "
+                f"{type(err).__name__}: {err} for module {name!r} "
+                f"({type(module).__name__}). A predicate selector is called as "
+                "predicate(name, module) for every submodule and must return True or "
+                "False for each."
+            ) from err
         if not isinstance(result, bool):
             raise SelectorError(
                 f"{self.owner}: the {describe_selector(self.selector)} must return True "
-                f"or False, but returned {result!r} (type {type(result).__name__}) for "
+                f"or False, but returned {_quote(result)} (type {type(result).__name__}) for "
                 f"module {name!r}."
             )
         return result
@@ -135,6 +205,13 @@ class _Matcher:
             return f"{head} The model contains modules of type: {shown}."
         if self.kind == "predicate":
             return f"{head} It returned False for all {len(names) - 1} submodules."
+        if self.kind == "module":
+            return (
+                f"{head} The object is neither the model nor one of its submodules (a "
+                "module of another model, or of a copy: copy.deepcopy, pickling and "
+                "loading make new objects). Pass a module of this very model object, or "
+                "select it by its qualified name."
+            )
         probe = self.text[len(_REGEX_PREFIX) :] if self.kind == "regex" else self.text
         candidates = [n for n in names if n]
         close = difflib.get_close_matches(probe, candidates, n=_MAX_SUGGESTIONS, cutoff=0.4)
@@ -160,10 +237,11 @@ def resolve_selectors(
     Args:
         model: the model to search.
         layers: a list of selectors (names, globs, ``"re:"`` regexes, module classes,
-            predicates), mixed freely. See the module docstring for each kind.
+            module objects, predicates), mixed freely. See the module docstring for
+            each kind.
         strict: if True, a selector that matches nothing raises a
             :class:`~attnblocks.SelectorError`; if False, it issues a warning and is
-            skipped.
+            skipped (past five such selectors, one warning lists the rest).
         owner: the public function on whose behalf the selectors are resolved, used
             in messages.
 
@@ -174,7 +252,10 @@ def resolve_selectors(
 
     Raises:
         SelectorError: if ``layers`` is not a list of selectors, a selector is
-            malformed, or (with ``strict=True``) a selector matches nothing.
+            malformed (a predicate that cannot take ``(name, module)``, raises or
+            returns a non-bool included), or (with ``strict=True``) a selector
+            matches nothing.
+        InvalidArgumentError: if ``strict`` is not a bool.
 
     Example:
         >>> from torch import nn
@@ -191,33 +272,72 @@ def resolve_selectors(
     if not isinstance(model, nn.Module):
         raise SelectorError(f"{owner}: model must be an nn.Module, got {type(model).__name__}.")
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise SelectorError(
-            f"{owner}: layers must be a list of selectors, got {layers!r} "
-            f"(type {type(layers).__name__}). Wrap a single selector in a list, "
-            f"e.g. layers=[{layers!r}]."
+        single = isinstance(layers, (str, type, nn.Module)) or (
+            callable(layers) and not isinstance(layers, type)
         )
+        hint = (
+            f" Wrap a single selector in a list, e.g. layers=[{_quote(layers)}]."
+            if single
+            else " Pass a list, e.g. layers=['layer1.0.bn2', nn.BatchNorm2d]."
+        )
+        raise SelectorError(
+            f"{owner}: layers must be a list of selectors, got {_quote(layers)} "
+            f"(type {type(layers).__name__}).{hint}"
+        )
+    check_bool(strict, "strict", owner=owner)
     if len(layers) == 0:
         raise SelectorError(
             f"{owner}: layers is empty; pass at least one selector (a module name, a "
             "glob, an 're:' regex, an nn.Module subclass or a predicate)."
         )
     matchers = [_Matcher(selector, owner=owner) for selector in layers]
+    exact: dict[str, list[int]] = {}  # name -> matchers of that exact name
+    objects: dict[int, list[int]] = {}  # id(module object) -> its matchers
+    classes: list[int] = []
+    scanned: list[int] = []  # globs, regexes and predicates: tried once per name
+    for index, matcher in enumerate(matchers):
+        if matcher.kind == "name":
+            exact.setdefault(matcher.text, []).append(index)
+        elif matcher.kind == "module":
+            objects.setdefault(id(matcher.module), []).append(index)
+        elif matcher.kind == "class":
+            classes.append(index)
+        else:
+            scanned.append(index)
+    by_type: dict[type, list[int]] = {}  # module type -> the class matchers it satisfies
     hits = [0] * len(matchers)
     chosen: set[int] = set()
     all_names: list[str] = []
     # Aliases (a module registered under several names) are matched under every name.
     for name, module in model.named_modules(remove_duplicate=False):
         all_names.append(name)
-        for index, matcher in enumerate(matchers):
-            if matcher.matches(name, module):
-                hits[index] += 1
-                chosen.add(id(module))
-    type_names = sorted({type(m).__name__ for m in model.modules()})
-    for matcher, count in zip(matchers, hits, strict=True):
-        if count:
-            continue
-        message = matcher.no_match_message(all_names, type_names)
+        found = [*exact.get(name, ()), *objects.get(id(module), ())]
+        if name:  # patterns, classes and predicates never select the root
+            kind = type(module)
+            if kind not in by_type:
+                by_type[kind] = [i for i in classes if issubclass(kind, matchers[i].cls or ())]
+            found += by_type[kind]
+            found += [i for i in scanned if matchers[i].matches(name, module)]
+        for index in found:
+            hits[index] += 1
+        if found:
+            chosen.add(id(module))
+    unmatched = [matcher for matcher, count in zip(matchers, hits, strict=True) if not count]
+    if unmatched:
+        type_names = sorted({type(m).__name__ for m in model.modules()})
         if strict:
-            raise SelectorError(message)
-        warnings.warn(f"{message} (strict=False: skipped)", UserWarning, stacklevel=3)
+            raise SelectorError(unmatched[0].no_match_message(all_names, type_names))
+        for matcher in unmatched[:_MAX_DETAILED_WARNINGS]:
+            message = matcher.no_match_message(all_names, type_names)
+            warnings.warn(f"{message} (strict=False: skipped)", UserWarning, stacklevel=3)
+        rest = unmatched[_MAX_DETAILED_WARNINGS:]
+        if rest:
+            shown = ", ".join(describe_selector(m.selector) for m in rest[:10])
+            more = f" and {len(rest) - 10} more" if len(rest) > 10 else ""
+            warnings.warn(
+                f"{owner}: {len(rest)} more selectors match no module of the model: "
+                f"{shown}{more} (strict=False: skipped)",
+                UserWarning,
+                stacklevel=3,
+            )
     return [(name, module) for name, module in model.named_modules() if id(module) in chosen]

@@ -28,6 +28,7 @@ __all__ = [
     "autocast_dtype",
     "evaluate",
     "make_augment",
+    "make_scheduler",
     "measure_latency",
     "pick_device",
     "train_run",
@@ -215,17 +216,48 @@ def _make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; valid: adam, sgd.")
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+#: The one-cycle schedule's warm-up as a fraction of all steps (OneCycleLR's ``pct_start``).
+ONECYCLE_WARMUP = 0.25
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """The recipe's learning-rate schedule for ``recipe.epochs * steps_per_epoch`` steps.
+
+    ``"plateau"`` is ReduceLROnPlateau, stepped once per epoch on the test loss. ``"onecycle"``
+    is OneCycleLR (stepped once per batch), whose warm-up peaks at step
+    ``ONECYCLE_WARMUP * steps - 1``. Short runs degrade gracefully instead of failing
+    inside OneCycleLR: when that peak would come before step 1 (fewer than 8 steps), the
+    warm-up ends at step 1 (3 to 7 steps), and 1 or 2 steps train at the constant peak
+    learning rate ``recipe.lr``.
+
+    >>> model = nn.Linear(2, 2)
+    >>> recipe = Recipe("r", epochs=1, batch_size=8, optimizer="sgd", lr=0.2, schedule="onecycle")
+    >>> type(make_scheduler(torch.optim.SGD(model.parameters(), lr=0.2), recipe, 4)).__name__
+    'OneCycleLR'
+    >>> type(make_scheduler(torch.optim.SGD(model.parameters(), lr=0.2), recipe, 2)).__name__
+    'ConstantLR'
+    """
+    total = recipe.epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError(
+            f"make_scheduler: a run needs at least one step, got epochs={recipe.epochs} x "
+            f"steps_per_epoch={steps_per_epoch}."
+        )
     if recipe.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", patience=recipe.plateau_patience, factor=recipe.plateau_factor
         )
     if recipe.schedule == "onecycle":
+        if total < 3:  # no room for a warm-up and an annealing phase: a constant rate
+            return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        warmup = ONECYCLE_WARMUP
+        if warmup * total - 1 < 1:  # the peak would be at step 0 (a division by zero) or before
+            warmup = 2 / total  # the peak at step 1
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=recipe.lr,
-            total_steps=recipe.epochs * steps_per_epoch,
-            pct_start=0.25,
+            total_steps=total,
+            pct_start=warmup,
             div_factor=10.0,
             final_div_factor=100.0,
         )
@@ -329,7 +361,7 @@ def train_run(
     ema = WeightEMA(model, recipe.ema) if recipe.ema > 0 else None
     local_n = len(train) // world_size
     steps_per_epoch = math.ceil(local_n / recipe.batch_size)
-    scheduler = _make_scheduler(optimizer, recipe, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     state = RunState()
     torch.manual_seed(_seed_of(seed, 1, rank))  # dropout: a different stream per process
     aug_state: torch.Tensor | None = None

@@ -150,6 +150,9 @@ def parse_setting(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set takes KEY=VALUE with KEY one of {names}; got {text!r}.")
     default = getattr(RECIPES["fast"], key)
     try:
-        return key, _coerce(key, value, default)
+        coerced = _coerce(key, value, default)
     except ValueError as err:
         raise ValueError(f"--set {text!r}: {err}") from None
+    if key in ("epochs", "batch_size") and coerced < 1:
+        raise ValueError(f"--set {text!r}: {key} must be >= 1.")
+    return key, coerced

@@ -309,7 +309,7 @@ def _figures(
             images,
             cams,
             titles=[classes[int(t)] for t in targets],
-            normalize="shared",
+            normalize="image",  # each panel on its own scale, as Grad-CAM figures are drawn
             mean=mean,
             std=std,
         ),
