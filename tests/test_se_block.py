@@ -210,10 +210,9 @@ def test_identity_init_is_exact_identity(
 ) -> None:
     x, _ = case
     block = SEBlock(x.shape[1], init="identity", gate=gate, activation=activation).to(x.dtype)
-    out = block(x)
-    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
-    if activation == "relu":
-        assert torch.equal(out, x)
+    if block.hidden_channels == 1:  # the bias cancels h/8: exact in the dtype of the init
+        block.reset_parameters()
+    assert torch.equal(block(x), x)
 
 
 def test_identity_init_every_parameter_gets_gradient() -> None:

@@ -1,20 +1,30 @@
 """Helpers for ``init="identity"``: start a block as an exact identity map that still learns.
 
 A gated block is an exact identity when every gate it applies equals exactly 1.
-The recipe, the same as :class:`~attnblocks.SEBlock`'s:
+The recipe, shared by :class:`~attnblocks.SEBlock`, CBAM, scSE and ECA:
 
-* make every pre-gate exactly 0 for every input, without zeroing a layer whose
-  inputs come from other parameters (a zero layer would cut their gradient);
+* make every pre-gate exactly 0 for every finite input, without zeroing a layer
+  whose inputs come from other parameters (a zero layer would cut their gradient);
 * scale the gate by ``1 / gate(0)`` (2 for a sigmoid), which must be exact in
   floating point.
 
 For a two-layer excitation MLP ``fc2(act(fc1(z)))`` :func:`zero_output_mlp_`
-sets ``fc1.weight = 0`` and ``fc1.bias = 1``, so the hidden vector is the
-constant ``h = act(1)``, and gives each output ``c`` a single non-zero weight
-``fc2.weight[c, c % hidden] = 1/8`` with ``fc2.bias[c] = -h/8``. The pre-gate is
-then ``h/8 - h/8 = 0`` exactly (multiplying by a power of two and adding zeros
-are exact), while every weight of ``fc2`` sees the non-zero ``h``, and
-``fc1`` receives gradient through the non-zero ``fc2``.
+sets ``fc1.weight = 0`` and ``fc1.bias = 1``, so every hidden unit holds the
+same constant ``h = act(1)`` for every input, and gives each output ``c`` two
+non-zero weights of opposite sign on two different hidden units,
+``fc2.weight[c, c % hidden] = 1/8`` and ``fc2.weight[c, (c + 1) % hidden] = -1/8``,
+with ``fc2.bias = 0``. The pre-gate is then ``h/8 - h/8 = 0`` whatever order the
+sum is taken in: scaling by a power of two is exact, and every partial sum of
+``{h/8, -h/8, 0, ...}`` is exactly representable. Nothing here depends on the
+dtype, so the block stays an exact identity after ``.to(dtype)`` and under
+autocast. Every weight of ``fc2`` sees the non-zero ``h``, and ``fc1`` receives
+gradient through the non-zero ``fc2``.
+
+With a single hidden unit there is no pair to cancel against, so the bias does
+it: ``fc2.weight[c, 0] = 1/8`` and ``fc2.bias[c] = -h/8``, with ``h`` computed in
+the parameters' dtype. That cancellation is exact only in the dtype the block
+was initialised in: after changing the dtype call ``reset_parameters()``
+(:func:`~attnblocks.insert_attention` does it after placing each block).
 """
 
 from __future__ import annotations
@@ -27,7 +37,6 @@ from attnblocks._errors import InvalidArgumentError
 __all__ = ["identity_gate_scale", "zero_layer_", "zero_output_mlp_"]
 
 
-@torch.no_grad()
 @torch.no_grad()
 def zero_layer_(layer: nn.Module) -> None:
     """Set a layer's own weight and bias (if it has one) to zero, in place."""
@@ -70,11 +79,25 @@ def identity_gate_scale(
 
 @torch.no_grad()
 def zero_output_mlp_(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, *, owner: str) -> None:
-    """Initialise ``fc2(act(fc1(z)))`` to output exactly 0 for every ``z`` (see the module doc).
+    """Initialise ``fc2(act(fc1(z)))`` to output exactly 0 for every finite ``z``.
 
-    Every parameter still receives gradient, except the rows of ``fc1`` for
-    hidden units beyond the output width (only when ``hidden > out``), which
-    start learning once ``fc2`` has moved. Needs both layers to have biases.
+    See the module doc for the recipe and when it is exact. Every parameter still
+    receives gradient, except the rows of ``fc1`` for hidden units that no output
+    reads (only when ``hidden > out``), which start learning once ``fc2`` has
+    moved. Needs both layers to have biases.
+
+    >>> fc1, fc2 = nn.Linear(6, 3), nn.Linear(3, 6)
+    >>> zero_output_mlp_(fc1, nn.GELU(), fc2, owner="X")
+    >>> fc2.weight.detach() * 8
+    tensor([[ 1., -1.,  0.],
+            [ 0.,  1., -1.],
+            [-1.,  0.,  1.],
+            [ 1., -1.,  0.],
+            [ 0.,  1., -1.],
+            [-1.,  0.,  1.]])
+    >>> mlp = nn.Sequential(fc1, nn.GELU(), fc2).to(torch.bfloat16)  # exact in any dtype
+    >>> torch.equal(mlp(torch.randn(4, 6, dtype=torch.bfloat16)), torch.zeros(4, 6))
+    True
     """
     if fc1.bias is None or fc2.bias is None:
         raise InvalidArgumentError(
@@ -93,4 +116,8 @@ def zero_output_mlp_(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, *, owner: s
     cols = rows % hidden_features
     fc2.weight.zero_()
     fc2.weight[rows, cols] = 2.0**-3
-    fc2.bias.copy_(-(hidden[cols].to(fc2.bias.dtype) * 2.0**-3))
+    if hidden_features > 1:
+        fc2.weight[rows, (rows + 1) % hidden_features] = -(2.0**-3)
+        fc2.bias.zero_()
+    else:
+        fc2.bias.copy_(-(hidden[cols].to(fc2.bias.dtype) * 2.0**-3))

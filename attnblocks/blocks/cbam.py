@@ -58,10 +58,11 @@ class CBAMBlock(AttentionBlock):
     construction. Other ranks raise :class:`~attnblocks.InvalidInputError`.
 
     Identity init is available: ``init="identity"`` makes both pre-gates exactly 0
-    for every input (the MLP as in :class:`~attnblocks.SEBlock`: :math:`W_0 = 0`, a
-    constant hidden vector and a last layer whose output cancels its bias exactly;
-    the spatial convolution's weight and bias at 0) and scales both gates by
-    :math:`1/\sigma(0) = 2`. The output equals the input exactly, and every
+    for every finite input (the MLP as in :class:`~attnblocks.SEBlock`: :math:`W_0 = 0`,
+    a constant hidden vector and a last layer whose two opposite weights per row cancel
+    exactly; the spatial convolution's weight and bias at 0) and scales both gates by
+    :math:`1/\sigma(0) = 2`. The output equals the input bit for bit, in every dtype
+    and under autocast, and every
     parameter receives gradient (the spatial weights see the non-zero pooled maps,
     :math:`W_0` sees the non-zero :math:`W_1`).
 

@@ -14,8 +14,10 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
+from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import global_avg_pool_for
+from attnblocks.blocks._options import check_bool, check_init
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import FusedSpec, SEFunction, fused_spec, mlp_dtype
 
@@ -104,12 +106,18 @@ class SEBlock(AttentionBlock):
             them; torchvision and timm use them).
         init: ``"default"`` uses PyTorch's standard ``nn.Linear`` initialisation.
             ``"identity"`` makes the block an exact identity map at initialisation while
-            every parameter still receives gradient: :math:`W_1 = 0`, :math:`b_1 = 1`,
-            :math:`W_2 = \pm 2^{-3}`, :math:`b_2 = -W_2\,\delta(b_1)` so that the
-            pre-gate is exactly 0, and the gate is scaled by :math:`1 / \sigma(0)` (2 for
-            sigmoid, as in the NF-Net SE variant), so :math:`2\sigma(0) = 1`. Use it to
-            add SE to a trained model without changing its predictions. Needs
-            ``bias=True``.
+            every parameter still receives gradient: :math:`W_1 = 0`, :math:`b_1 = 1`
+            (every hidden unit holds :math:`h = \delta(1)`), each row of :math:`W_2`
+            holds :math:`+2^{-3}` and :math:`-2^{-3}` on two hidden units and
+            :math:`b_2 = 0`, so the pre-gate is :math:`h/8 - h/8 = 0` exactly, and the
+            gate is scaled by :math:`1 / \sigma(0)` (2 for sigmoid, as in the NF-Net SE
+            variant), so :math:`2\sigma(0) = 1`. ``block(x)`` then equals ``x`` bit for
+            bit (``torch.equal``) for every finite input, in every floating dtype, in
+            either memory format and under autocast, also after ``.to(dtype)``; with a
+            single hidden unit the cancellation goes through :math:`b_2 = -h/8` and is
+            exact in the dtype the block was initialised in (call
+            :meth:`reset_parameters` after changing it). Use it to add SE to a trained
+            model without changing its predictions. Needs ``bias=True``.
 
     Shape:
         - Input: :math:`(N, C, *)` with 1 to 3 spatial dimensions, any floating dtype,
@@ -174,18 +182,13 @@ class SEBlock(AttentionBlock):
             self.hidden_channels = check_positive_int(
                 hidden_channels, "hidden_channels", owner=owner
             )
-        if not isinstance(bias, bool):
-            raise InvalidArgumentError(f"{owner}: bias must be True or False, got {bias!r}.")
-        if init not in _INIT_MODES:
-            raise InvalidArgumentError(
-                f"{owner}: unknown init {init!r}; valid values are {list(_INIT_MODES)}."
-            )
-        if init == "identity" and not bias:
+        check_bool(bias, "bias", owner=owner)
+        self.init = check_init(init, _INIT_MODES, owner=owner)
+        if self.init == "identity" and not bias:
             raise InvalidArgumentError(
                 f"{owner}: init='identity' needs bias=True (the identity start is built "
                 "from the biases); got bias=False."
             )
-        self.init = init
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
         self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
@@ -202,33 +205,10 @@ class SEBlock(AttentionBlock):
         if self.init == "identity":
             self._identity_init()
 
-    @torch.no_grad()
     def _identity_init(self) -> None:
         owner = type(self).__name__
-        probe = self.fc1.weight.new_zeros(1)
-        gate_at_zero = float(self.gate(probe).item())
-        if not 0.0 < gate_at_zero < float("inf"):
-            raise InvalidArgumentError(
-                f"{owner}: init='identity' needs a gate with a finite, positive value at 0; "
-                f"the gate {self.gate} gives {gate_at_zero} there."
-            )
-        scale = 1.0 / gate_at_zero
-        if scale * gate_at_zero != 1.0:
-            raise InvalidArgumentError(
-                f"{owner}: init='identity' needs 1 / gate(0) to be exact in floating point; "
-                f"gate(0) = {gate_at_zero!r} is not. Use 'sigmoid' or 'hard_sigmoid'."
-            )
-        bias1, bias2 = self.fc1.bias, self.fc2.bias
-        if bias1 is None or bias2 is None:  # unreachable: bias=True is checked in __init__
-            raise InvalidArgumentError(f"{owner}: init='identity' needs bias=True.")
-        self.fc1.weight.zero_()
-        bias1.fill_(1.0)
-        hidden = self.act(bias1.detach().clone()[None]).to(torch.float64)
-        signs = torch.randint(0, 2, self.fc2.weight.shape, device=self.fc2.weight.device)
-        self.fc2.weight.copy_((signs * 2 - 1).to(self.fc2.weight.dtype) * 2.0**-3)
-        pre_gate = hidden @ self.fc2.weight.to(torch.float64).T
-        bias2.copy_(-pre_gate[0])
-        self.gate_scale = scale
+        zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
+        self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate :math:`s` (eq. 3) the block would apply to ``x``.

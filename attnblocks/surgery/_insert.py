@@ -35,7 +35,9 @@ def insert_attention(
     ``nn.Sequential``, as its last stage. So every original state-dict key keeps
     its name and order, :func:`remove_attention` gives the original model back,
     and the model still works with ``copy.deepcopy``, pickle, ``torch.compile``,
-    ``torch.export``, channels_last and ``.to(dtype)``.
+    ``torch.export``, channels_last and ``.to(dtype)``. Each block is placed on its
+    site's device and dtype and starts in its site's train/eval mode (an eval-mode
+    model gets eval-mode blocks).
 
     Everything is checked before anything changes, so a call that raises leaves
     the model exactly as it was. With ``example_input``, the model is also run once
@@ -89,7 +91,7 @@ def insert_attention(
           channels=32, hidden_channels=4, gate_scale=2.0
           ...
         )
-        >>> torch.allclose(net(x), before, atol=1e-6)
+        >>> torch.equal(net(x), before)  # bit for bit
         True
         >>> torch.equal(remove_attention(net)(x), before)
         True

@@ -120,6 +120,28 @@ def _placement(
     return None, None
 
 
+def _place(
+    block: nn.Module, device: torch.device, dtype: torch.dtype | None, *, reinit: bool
+) -> nn.Module:
+    """Move ``block`` to ``device``/``dtype``; an identity block is re-initialised there.
+
+    An identity start may cancel values computed at construction (in the default
+    dtype, on the CPU); recomputing them where the block will run keeps it exact.
+    """
+
+    def where() -> tuple[torch.dtype, torch.device] | None:
+        first = next(iter(block.parameters()), None)
+        return None if first is None else (first.dtype, first.device)
+
+    before = where()
+    block = block.to(device=device, dtype=dtype)
+    moved = before is not None and where() != before
+    reset = getattr(block, "reset_parameters", None)
+    if reinit and moved and callable(reset):
+        reset()
+    return block
+
+
 def _site_problem(
     name: str,
     module: nn.Module,
@@ -340,7 +362,8 @@ def prepare(
             ) from None
         device, dtype = _placement(module, record, model) if place else (None, None)
         if device is not None:
-            built = built.to(device=device, dtype=dtype)
+            built = _place(built, device, dtype, reinit=init == "identity")
+        built.train(module.training)  # the block runs in its host's mode
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
         shape = record.shape if record is not None else None
         sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
