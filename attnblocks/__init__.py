@@ -33,12 +33,17 @@ from attnblocks.blocks import (
     register_block,
 )
 from attnblocks.surgery import (
+    attention_parameters,
+    attention_state_dict,
+    freeze_except_attention,
     insert_attention,
     insert_se,
+    load_attention,
     plan_attention,
     plan_se,
     remove_attention,
     remove_se,
+    save_attention,
 )
 
 __all__ = [
@@ -58,13 +63,18 @@ __all__ = [
     "SimAMBlock",
     "SurgeryError",
     "__version__",
+    "attention_parameters",
+    "attention_state_dict",
     "available_blocks",
     "create_block",
+    "freeze_except_attention",
     "insert_attention",
     "insert_se",
+    "load_attention",
     "plan_attention",
     "plan_se",
     "register_block",
     "remove_attention",
     "remove_se",
+    "save_attention",
 ]

@@ -20,6 +20,7 @@ from attnblocks.blocks import available_blocks, create_block, get_block_class
 from attnblocks.surgery._attach import AttachMode, attached_blocks
 from attnblocks.surgery._channels import infer_channels, is_channels_last_norm
 from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
+from attnblocks.surgery._record import remember_insertion
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
@@ -364,6 +365,7 @@ def prepare(
         if device is not None:
             built = _place(built, device, dtype, reinit=init == "identity")
         built.train(module.training)  # the block runs in its host's mode
+        remember_insertion(built, block_name, init, options, channels)
         mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
         shape = record.shape if record is not None else None
         sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
