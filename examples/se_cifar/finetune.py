@@ -121,11 +121,11 @@ def trainable_parameters(model: nn.Module, arm: Arm) -> tuple[list[nn.Parameter]
     """
     if not arm.attention_only:
         return [p for p in model.parameters() if p.requires_grad], []
-    keep = {id(p) for block in attention_blocks(model).values() for p in block.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
+    from attnblocks import freeze_except_attention
+
+    trainable = freeze_except_attention(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return [p for p in model.parameters() if p.requires_grad], norms
+    return trainable, norms
 
 
 def _train_mode(model: nn.Module, kept_in_eval: list[nn.Module]) -> None:
