@@ -211,6 +211,24 @@ def save_attention_file(model: torch.nn.Module, directory: Path) -> Path:
     return directory
 
 
+def reloaded_equal(
+    model: torch.nn.Module, base_state: dict[str, torch.Tensor], folder: Path
+) -> bool | None:
+    """Whether the baseline with the saved attention loaded equals ``model``, bit for bit.
+
+    ``None`` when attnblocks has no ``load_attention`` (older versions).
+    """
+    import attnblocks
+
+    if not hasattr(attnblocks, "load_attention"):
+        return None
+    fresh = TutorialCNN(num_classes=int(base_state["classifier.fc2.bias"].numel()))
+    fresh.load_state_dict(base_state)
+    attnblocks.load_attention(fresh.eval(), folder, example_input=torch.zeros(1, 3, 32, 32))
+    mine, theirs = model.state_dict(), fresh.state_dict()
+    return list(mine) == list(theirs) and all(torch.equal(mine[k].cpu(), theirs[k]) for k in mine)
+
+
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -304,11 +322,12 @@ def run(args: argparse.Namespace, run_dir: Path) -> None:
                 progress=progress,
                 log=lambda line, name=name, seed=seed: print(f"[{name} seed {seed}] {line}"),
             )
-            files: dict[str, int] = {}
+            files: dict[str, Any] = {}
             if arm.init is not None:
-                files["attention_bytes"] = _size(
-                    save_attention_file(model, run_dir / "attention" / f"{name}-seed{seed}")
-                )
+                folder = save_attention_file(model, run_dir / "attention" / f"{name}-seed{seed}")
+                files["attention_bytes"] = _size(folder)
+                if arm.attention_only:  # the baseline + this small file = the fine-tuned model
+                    files["reloaded_equal"] = reloaded_equal(model, base_state, folder)
             full = sizes / f"{name}-seed{seed}.safetensors"
             save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(full))
             files["model_bytes"] = _size(full)
@@ -384,6 +403,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             "seconds_per_epoch": per_epoch,
             "seconds_per_epoch_mean": mean_std(per_epoch)[0],
             "attention_bytes": mine[0].get("attention_bytes"),
+            "reloaded_equal": [r["reloaded_equal"] for r in mine if "reloaded_equal" in r],
             "model_bytes": mine[0]["model_bytes"],
         }
     comparisons = {}

@@ -107,6 +107,9 @@ def test_attention_only_arm_changes_nothing_but_the_blocks(
     assert added and all(".relu.se." in key for key in added)
     # the blocks did learn: no longer the identity init (fc1.weight starts at exactly 0)
     assert any(tuned[k].abs().sum() > 0 for k in added if k.endswith("fc1.weight"))
+    # and the baseline + the saved attention file give the fine-tuned model back
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["se_identity_attn"]["reloaded_equal"] == [True]
 
 
 class _StopAfter:
