@@ -101,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--report", metavar="RUN_DIR", default=None, help="rebuild summary and figure only"
     )
+    p.add_argument(
+        "--time-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="instead of the experiment: time K training steps per arm, the arms interleaved "
+        "over 5 rounds, and write timing.json into --out",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the figure")
     p.add_argument("--no-progress", action="store_true", help="log lines, no progress bars")
     args = p.parse_args(argv)
@@ -108,7 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [a for a in args.arm_list if a not in ARMS]
     if bad or not args.arm_list:
         p.error(f"--arms: unknown arm(s) {bad}; valid arms are {list(ARMS)}")
-    for name in ("seeds", "epochs", "evals_per_epoch", "subset", "test_subset", "threads"):
+    for name in (
+        "seeds",
+        "epochs",
+        "evals_per_epoch",
+        "subset",
+        "test_subset",
+        "threads",
+        "time_steps",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -242,6 +258,91 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def finetune_recipe(base_recipe: dict[str, Any], args: argparse.Namespace) -> Recipe:
+    """The baseline's recipe with the fine-tune's epochs, peak lr and ``--set`` overrides."""
+    fields = {**base_recipe, **args.settings, "epochs": args.epochs, "lr": args.lr}
+    fields["jitter"] = tuple(fields["jitter"])
+    fields["name"] = f"retrofit from {base_recipe['name']}"
+    return Recipe(**fields)
+
+
+def time_arms(args: argparse.Namespace, out: Path, rounds: int = 5) -> dict[str, Any]:
+    """Median seconds per training step of each arm, the arms interleaved round by round.
+
+    Each step is what a fine-tuning step does (augmentation, forward, backward, SGD
+    step, EMA update) on one fixed batch; the first round is a warm-up and not counted.
+    """
+    from se_cifar.ema import WeightEMA
+    from se_cifar.engine import pick_device, train_step
+    from se_cifar.finetune import train_mode, trainable_parameters
+
+    device = pick_device(args.device)
+    base_state, base_recipe = load_base(_base_checkpoint(args.base, args.base_seed))
+    recipe = finetune_recipe(base_recipe, args)
+    amp = autocast_dtype(recipe.precision, device)
+    augment = make_augment(recipe)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), generator=gen).to(
+        device, torch.uint8
+    )
+    labels = torch.randint(0, 10, (recipe.batch_size,), generator=gen).to(device)
+    setups = {}
+    for name in args.arm_list:
+        model = build_arm(ARMS[name], base_state, num_classes=10, seed=0)
+        if recipe.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(device)
+        params, kept = trainable_parameters(model, ARMS[name])
+        optimizer = torch.optim.SGD(
+            params, lr=1e-4, momentum=recipe.momentum, nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+        )  # fmt: skip
+        ema = WeightEMA(model, recipe.ema) if recipe.ema > 0 else None
+        setups[name] = (model, kept, optimizer, ema)
+    steps = args.time_steps
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for round_ in range(rounds + 1):
+        for name, (model, kept, optimizer, ema) in setups.items():
+            train_mode(model, kept)
+            tick = time.perf_counter()
+            for _ in range(steps):
+                x = augment(images, gen, train=True)
+                if recipe.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                train_step(model, optimizer, x, labels, amp=amp)
+                if ema is not None:
+                    ema.update(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ > 0:
+                times[name].append((time.perf_counter() - tick) / steps)
+    steps_per_epoch = 50_000 // recipe.batch_size + (50_000 % recipe.batch_size > 0)
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    result = {
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": str(amp or torch.float32),
+        "seconds_per_step": times,
+        "median_seconds_per_step": medians,
+        "seconds_per_epoch_of_50000": {n: m * steps_per_epoch for n, m in medians.items()},
+        "ratio_to_control": (
+            {n: m / medians["control"] for n, m in medians.items()} if "control" in medians
+            else {}
+        ),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timing.json").write_text(json.dumps(result, indent=2))
+    for name, m in medians.items():
+        ratio = result["ratio_to_control"].get(name)
+        print(
+            f"{name:17s} {1000 * m:7.1f} ms/step  {m * steps_per_epoch:6.1f} s/epoch"
+            + ("" if ratio is None else f"  {ratio:.2f}x control")
+        )
+    return result
+
+
 def run(args: argparse.Namespace, run_dir: Path) -> None:
     from safetensors.torch import save_file
     from se_cifar.engine import pick_device
@@ -249,10 +350,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> None:
     device = pick_device(args.device)
     base_path = _base_checkpoint(args.base, args.base_seed)
     base_state, base_recipe = load_base(base_path)
-    fields = {**base_recipe, **args.settings, "epochs": args.epochs, "lr": args.lr}
-    fields["jitter"] = tuple(fields["jitter"])
-    fields["name"] = f"retrofit from {base_recipe['name']}"
-    recipe = Recipe(**fields)
+    recipe = finetune_recipe(base_recipe, args)
     (run_dir / "config.json").write_text(
         json.dumps(
             {
@@ -586,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.time_steps:
+            if not args.base:
+                raise SystemExit("--time-steps needs --base")
+            time_arms(args, Path(args.out or "runs/retrofit-timing"))
+            return 0
         run_dir = prepare_run_dir(args)
         args.run_dir = run_dir
         print(f"run folder: {run_dir}")

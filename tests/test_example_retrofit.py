@@ -172,3 +172,13 @@ def test_interrupt_and_resume_give_the_same_run(
         [r[k] for k in keys] for r in state_b.history
     ]
     assert state.check == state_b.check
+
+
+def test_time_steps_times_every_arm(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    _, checkpoint = tiny
+    argv = ["--base", str(checkpoint), "--time-steps", "1", "--out", str(tmp_path)]
+    assert retrofit.main([*argv, "--arms", "control,se_identity_attn"]) == 0
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert set(timing["median_seconds_per_step"]) == {"control", "se_identity_attn"}
+    assert len(timing["seconds_per_step"]["control"]) == timing["rounds"] == 5
+    assert timing["ratio_to_control"]["control"] == 1.0

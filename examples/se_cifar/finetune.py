@@ -46,6 +46,7 @@ __all__ = [
     "compare_logits",
     "eval_steps",
     "finetune_run",
+    "train_mode",
     "trainable_parameters",
 ]
 
@@ -128,7 +129,8 @@ def trainable_parameters(model: nn.Module, arm: Arm) -> tuple[list[nn.Parameter]
     return trainable, norms
 
 
-def _train_mode(model: nn.Module, kept_in_eval: list[nn.Module]) -> None:
+def train_mode(model: nn.Module, kept_in_eval: list[nn.Module]) -> None:
+    """``model.train()``, then the modules an arm keeps frozen back to eval mode."""
     model.train()
     for module in kept_in_eval:
         module.eval()
@@ -312,7 +314,7 @@ def finetune_run(
                     aug_gen.set_state(aug_state)
             aug_state = None
             end = min((epoch + 1) * steps_per_epoch, next(p for p in points if p > state.step))
-            _train_mode(model, kept_in_eval)
+            train_mode(model, kept_in_eval)
             steps: Any = range(state.step, end)
             if progress is not None:
                 steps = progress(
