@@ -183,3 +183,24 @@ def test_time_steps_times_every_arm(tiny: tuple[Path, Path], tmp_path: Path) -> 
     assert set(timing["median_seconds_per_step"]) == {"control", "se_identity_attn"}
     assert len(timing["seconds_per_step"]["control"]) == timing["rounds"] == 5
     assert timing["ratio_to_control"]["control"] == 1.0
+
+
+def test_the_command_line_resumes_after_ctrl_c(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, checkpoint = tiny
+    argv = ["--base", str(checkpoint), "--data-dir", str(data), "--seeds", "1", "--epochs", "2"]
+    argv += ["--arms", "control,se_identity_attn", "--set", "batch_size=20", "--no-plots"]
+    argv += ["--evals-per-epoch", "1", "--early-evals", "1", "--no-progress"]
+    assert retrofit.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.setattr(retrofit, "_progress", lambda enabled: _StopAfter(4))
+    assert retrofit.main([*argv, "--out", str(tmp_path / "b")]) == 130  # inside epoch 2
+    monkeypatch.undo()
+    assert retrofit.main(["--resume", str(tmp_path / "b"), "--no-plots", "--no-progress"]) == 0
+
+    def curves(run: str) -> list[tuple[str, ...]]:
+        with (tmp_path / run / "curves.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        return [(r["arm"], r["step"], r["test_acc"], r["test_loss"]) for r in rows]
+
+    assert curves("a") == curves("b") and len(curves("a")) == 2 * 4
