@@ -464,3 +464,13 @@ def test_freeze_refuses_bad_heads_and_models_without_blocks_changing_nothing() -
     assert [p.requires_grad for p in model.parameters()] == flags
     with pytest.raises(SurgeryError, match=r"nothing\s+would train"):
         freeze_except_attention(_base())
+
+
+def test_copies_and_unpickled_models_keep_what_save_attention_needs(tmp_path: Path) -> None:
+    import copy
+
+    saved = _attended()
+    for index, clone in enumerate([copy.deepcopy(saved), pickle.loads(pickle.dumps(saved))]):
+        folder = save_attention(clone, tmp_path / str(index))
+        loaded = load_attention(_base().eval(), folder, example_input=_x()[:1])
+        _assert_same_model(saved, loaded, _x())
