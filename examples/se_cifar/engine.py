@@ -145,11 +145,12 @@ class _Stop(Exception):
 
 @dataclass
 class EvalResult:
-    """Test-set loss, accuracy and predictions."""
+    """Test-set loss, accuracy and predictions (and the logits, when asked for)."""
 
     loss: float
     accuracy: float
     predictions: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -163,11 +164,16 @@ def evaluate(
     channels_last: bool,
     test_flip: bool = False,
     batch_size: int = 1000,
+    keep_logits: bool = False,
 ) -> EvalResult:
-    """Cross-entropy and accuracy on ``split``, in eval mode (restored afterwards)."""
+    """Cross-entropy and accuracy on ``split``, in eval mode (restored afterwards).
+
+    With ``keep_logits`` the result also holds every image's float32 logits (on the
+    CPU), exactly as the accuracy was computed from them.
+    """
     was_training = model.training
     model.eval()
-    total_loss, correct, preds = 0.0, 0, []
+    total_loss, correct, preds, kept = 0.0, 0, [], []
     try:
         for start in range(0, len(split), batch_size):
             images = split.images[start : start + batch_size].to(device, non_blocking=True)
@@ -183,10 +189,13 @@ def evaluate(
             pred = logits.argmax(dim=1)
             correct += int((pred == labels).sum())
             preds.append(pred.cpu())
+            if keep_logits:
+                kept.append(logits.cpu())
     finally:
         model.train(was_training)
     n = len(split)
-    return EvalResult(total_loss / n, correct / n, torch.cat(preds))
+    logits_all = torch.cat(kept) if keep_logits else None
+    return EvalResult(total_loss / n, correct / n, torch.cat(preds), logits_all)
 
 
 @dataclass
