@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,16 @@ def test_the_weights_file_holds_only_the_attention(tmp_path: Path) -> None:
         assert torch.equal(tensors[key], value), key
     full = sum(t.numel() * t.element_size() for t in saved.state_dict().values())
     assert (tmp_path / WEIGHTS_NAME).stat().st_size < full
+
+
+def test_saved_files_get_the_mode_open_would_give_them(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        save_attention(_attended(), tmp_path)
+    finally:
+        os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
 def test_the_config_names_every_site(tmp_path: Path) -> None:
