@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
+from attnblocks._torch_compat import is_exporting
 from attnblocks._validation import check_feature_map, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
@@ -44,8 +45,7 @@ _LinearParams = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Ten
 
 
 def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting()) if is_exporting is not None else False
+    return bool(is_exporting())  # on torch < 2.7: any dynamo trace (see _torch_compat)
 
 
 def _function_transform_active() -> bool:

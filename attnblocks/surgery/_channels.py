@@ -16,6 +16,8 @@ from typing import cast
 
 from torch import nn
 
+from attnblocks._torch_compat import RMS_NORMS
+
 __all__ = ["ChannelInfo", "infer_channels", "is_channels_last_norm"]
 
 _CONVS: tuple[type[nn.Module], ...] = (
@@ -49,7 +51,7 @@ _FEATURE_NORMS: tuple[type[nn.Module], ...] = (
     nn.LazyInstanceNorm3d,
 )
 
-_LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+_LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *RMS_NORMS)  # RMSNorm: torch >= 2.4
 
 # Layers that keep the channel count of their input (they may change the spatial
 # size); a Sequential is read backwards through them.
