@@ -1,7 +1,7 @@
 """What attnblocks needs to know about the installed PyTorch, in one place.
 
-Every check of the torch version, and every feature that only some supported
-releases have, lives here, so that supporting a new (or dropping an old) release
+The checks of the torch version, and the features that only some supported
+releases have, live here, so that supporting a new (or dropping an old) release
 changes one file. Checked on torch 2.2.2 (the floor in ``pyproject.toml``, tested
 by ``.ci/floor.sh``) and torch 2.14.1 (``.ci/constraints.txt``).
 
