@@ -6,6 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("_ext"))
 
 import attnblocks
 
@@ -20,9 +21,10 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "mathml",  # docs/_ext/mathml.py: math as MathML at build time, no MathJax, no network
 ]
+html_math_renderer = "mathml"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -32,9 +34,18 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 autosummary_generate = False
 
-doctest_global_setup = "import torch\ntorch.manual_seed(0)"
+doctest_global_setup = """
+import torch
+torch.manual_seed(0)
+try:
+    import onnxruntime  # docs/onnx.rst's example runs where the onnx extra is installed
+except ImportError:
+    onnxruntime = None
+"""
 
 exclude_patterns = ["_build"]
-html_theme = "alabaster"
+html_theme = "furo"
+html_title = f"attnblocks {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # a wider text column, see the file
 nitpicky = False

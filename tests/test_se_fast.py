@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnblocks import SEBlock
+from attnblocks._torch_compat import EXPORT_DETECTABLE
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -540,6 +541,11 @@ def _fused_and_plain(channels: int = 16) -> tuple[SEBlock, SEBlock]:
     return block, plain
 
 
+@pytest.mark.skipif(
+    not EXPORT_DETECTABLE,
+    reason=f"torch {torch.__version__} < 2.7 cannot tell torch.compile from torch.export, "
+    "so compiled SE blocks use the plain modules",
+)
 def test_torch_compile_fullgraph_aot_eager_uses_the_fused_function() -> None:
     torch.manual_seed(12)
     block, plain = _fused_and_plain()
@@ -580,7 +586,8 @@ def test_torch_export_records_the_plain_modules() -> None:
     x = torch.randn(2, 16, 5, 5)
     exported = torch.export.export(block, (x,))
     code = exported.graph_module.code
-    assert "linear" in code and "autograd_function" not in code
+    assert "autograd_function" not in code
+    assert "linear" in code or "addmm" in code  # torch 2.2 exports nn.Linear as t + addmm
     torch.testing.assert_close(exported.module()(x), plain(x), rtol=0, atol=0)
 
 

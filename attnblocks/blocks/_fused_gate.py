@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx
 
+from attnblocks._torch_compat import is_compiling, is_exporting
 from attnblocks.blocks._ops import (
     global_avg_pool,
     global_avg_pool_for,
@@ -122,8 +123,7 @@ class PooledGate(NamedTuple):
 
 
 def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting()) if is_exporting is not None else False
+    return bool(is_exporting())  # on torch < 2.7: any dynamo trace (see _torch_compat)
 
 
 def _function_transform_active() -> bool:
@@ -236,7 +236,7 @@ def try_fused(
             return None
         values = gate.fn(*_pool(x, gate), *gate.params)
         return x * _scale_by(x, values), values
-    if gate.rule is None and torch.compiler.is_compiling():
+    if gate.rule is None and is_compiling():
         return None
     out, values = ChannelGateFunction.apply(x, gate, *gate.params)
     return out, values

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from attnblocks._errors import InvalidInputError
+from attnblocks._torch_compat import is_compiling
 from attnblocks._validation import check_feature_map
 
 __all__ = [
@@ -77,7 +78,7 @@ def _batch_chunk(x: torch.Tensor) -> int | None:
         or x.device.type != "cpu"
         or x.numel() <= _CHUNK_ELEMENTS
         or x.shape[0] < 2
-        or torch.compiler.is_compiling()
+        or is_compiling()
         or torch.jit.is_tracing()
     ):
         return None

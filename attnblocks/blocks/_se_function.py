@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnblocks._torch_compat import autocast_dtype
 from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import LambdaLayer
 
@@ -132,18 +133,7 @@ def fused_spec(act: nn.Module, gate: nn.Module) -> FusedSpec | None:
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype active for ``device_type``, or ``None`` when autocast is off."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device without autocast, such as "meta"
-        return None
-    except TypeError:  # torch < 2.4: the device-less, per-backend functions
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        return None
+    return autocast_dtype(device_type)  # the torch-version-dependent part: _torch_compat
 
 
 def mlp_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:

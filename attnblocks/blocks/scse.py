@@ -59,7 +59,7 @@ class SCSEBlock(AttentionBlock):
     Identity init is available: ``init="identity"`` makes both pre-gates exactly 0
     for every input (cSE as in :class:`~attnblocks.SEBlock`; sSE's weight and bias
     at 0), then scales the gates so that they combine to exactly 1: by
-    :math:`1/(2\sigma(0)) = 1` for ``"add"`` (:math:`\tfrac12 + \tfrac12`) and by
+    :math:`1/(2\sigma(0)) = 1` for ``"add"`` (:math:`\tfrac{1}{2} + \tfrac{1}{2}`) and by
     :math:`1/\sigma(0) = 2` for ``"max"``. Every parameter receives gradient (with
     ``"max"`` the tie splits the gradient evenly between the branches).
 

@@ -21,6 +21,7 @@ from typing import cast
 
 from torch import nn
 
+from attnblocks._torch_compat import RMS_NORMS
 from attnblocks.surgery._attach import attached_modules
 
 __all__ = ["ChannelInfo", "infer_channels", "infer_spatial_ranks", "is_channels_last_norm"]
@@ -56,7 +57,7 @@ _FEATURE_NORMS: tuple[type[nn.Module], ...] = (
     nn.LazyInstanceNorm3d,
 )
 
-_LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+_LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *RMS_NORMS)  # RMSNorm: torch >= 2.4
 
 # Layers that keep the channel count of their input (they may change the spatial
 # size); a Sequential is read backwards through them.

@@ -24,7 +24,6 @@ from se_cifar.ema import WeightEMA
 from se_cifar.engine import (
     EvalResult,
     Interrupted,
-    _make_scheduler,
     _save,
     _seed_of,
     _Stop,
@@ -32,6 +31,7 @@ from se_cifar.engine import (
     autocast_dtype,
     evaluate,
     make_augment,
+    make_scheduler,
     train_step,
 )
 from se_cifar.models import SE_SITES, TutorialCNN
@@ -218,7 +218,7 @@ def finetune_run(
     )
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
-    scheduler = _make_scheduler(optimizer, recipe, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     points = eval_steps(steps_per_epoch, recipe.epochs, per_epoch=per_epoch, early=early)
     state = FineTuneState()
     aug_state: torch.Tensor | None = None
