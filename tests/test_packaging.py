@@ -50,12 +50,12 @@ def test_licence_is_apache_2_and_shipped() -> None:
     assert "Version 2.0, January 2004" in licence[0].read_text()
 
 
-def test_runtime_requirements_are_torch_and_einops_only() -> None:
+def test_runtime_requirements_are_torch_einops_and_safetensors_only() -> None:
     requires = importlib.metadata.requires("attnblocks") or []
     runtime = sorted(
         re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0] for r in requires if "extra" not in r
     )
-    assert runtime == ["einops", "torch"]
+    assert runtime == ["einops", "safetensors", "torch"]
 
 
 def test_py_typed_marker_is_shipped() -> None:
