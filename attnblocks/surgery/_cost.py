@@ -6,7 +6,9 @@ cost, and a block with BatchNorm accepts a single sample whatever the map size).
 Two numbers are counted per sample:
 
 * **MACs**: multiply-accumulates of matrix multiplications and convolutions, as
-  counted by :class:`torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2);
+  counted by :class:`torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2) on
+  the block's reference modules (``fast_path`` off, so the count is the same on every
+  torch version);
   for SE these are the two fully connected layers, :math:`2 C^2 / r`.
 * **elementwise ops**: for every other operator that is not a pure view, the
   number of elements of its largest tensor argument or result, i.e. one op per
@@ -104,6 +106,11 @@ def estimate_block_cost(
     with torch.device("meta"):
         block = block_class(channels, **options).eval()
         x = torch.empty((1, *shape[1:]))
+    if hasattr(block, "fast_path"):
+        # Count the block's reference modules, not a fast path (ECA's shifted sums in
+        # place of its conv1d): whether a fast path runs depends on the torch version
+        # and on hooks (newer FlopCounterModes register global module hooks).
+        block.fast_path = False
     macs = FlopCounterMode(display=False)
     elementwise = _elementwise_counter_class()()
     with torch.no_grad(), macs, elementwise:
