@@ -115,6 +115,8 @@ def test_unknown_model_and_arm_are_refused() -> None:
         build_model("baseline", model="resnet56")
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
         build_model("nope", model="resnet20")
+    with pytest.raises(ValueError, match="blocks must be an int >= 1, got 0"):
+        ResNet20(blocks=0)
 
 
 def test_model_flag_picks_its_recipe_and_targets() -> None:

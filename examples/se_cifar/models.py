@@ -124,6 +124,11 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+    first = BasicBlock(cin, cout, stride)
+    return nn.Sequential(first, *(BasicBlock(cout, cout, 1) for _ in range(blocks - 1)))
+
+
 class ResNet20(nn.Module):
     """The CIFAR ResNet-20 of He et al. 2016 (Sec. 4.2): 0.27 M parameters (269,722).
 
@@ -157,19 +162,17 @@ class ResNet20(nn.Module):
         blocks: int = 3,
     ) -> None:
         super().__init__()
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"ResNet20: blocks must be an int >= 1, got {blocks!r}.")
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        cin = widths[0]
-        for stage, cout in enumerate(widths, start=1):
-            stride = 1 if stage == 1 else 2
-            layers = []
-            for k in range(blocks):
-                layers.append(BasicBlock(cin, cout, stride if k == 0 else 1))
-                cin = cout
-            self.add_module(f"layer{stage}", nn.Sequential(*layers))
+        c1, c2, c3 = widths
+        self.layer1 = _stage(c1, c1, blocks, stride=1)
+        self.layer2 = _stage(c1, c2, blocks, stride=2)
+        self.layer3 = _stage(c2, c3, blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(c3, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

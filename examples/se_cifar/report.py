@@ -346,9 +346,9 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
         if not path.exists():
             raise SystemExit(f"--compare: {run_dir} has no summary.json; is the run finished?")
         summaries.append(json.loads(path.read_text()))
-    models = {s.get("model", "tutorial") for s in summaries}
-    if len(models) > 1:
-        raise SystemExit(f"--compare: the runs trained different models {sorted(models)}.")
+    kinds = {s.get("model", "tutorial") for s in summaries}
+    if len(kinds) > 1:
+        raise SystemExit(f"--compare: the runs trained different models {sorted(kinds)}.")
     joint: dict[str, Any] = {**summaries[0], "arms": {}, "sources": [str(d) for d in run_dirs]}
     for s in summaries:
         joint["arms"].update(s["arms"])
