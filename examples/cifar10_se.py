@@ -11,6 +11,8 @@ Examples:
     python examples/cifar10_se.py --subset 500 --epochs 1 --no-progress   # a quick run
     python examples/cifar10_se.py --resume runs/20261130-120000         # continue after Ctrl-C
     python examples/cifar10_se.py --compare runs/base runs/se --out runs/both
+    python examples/cifar10_se.py --model resnet20 --arms baseline,se,eca,cbam --seeds 5 \
+        --data-dir ../shared/data/cifar10                # ResNet-20, its own recipe
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from se_cifar.engine import (
     pick_device,
     train_run,
 )
-from se_cifar.models import build_model, count_parameters, valid_arms
+from se_cifar.models import MODELS, build_model, count_parameters, valid_arms
 from se_cifar.recipes import RECIPES, get_recipe, parse_setting
 from se_cifar.stats import comparisons, mean_std
 
@@ -71,16 +73,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train = p.add_argument_group("training")
     train.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="tutorial",
+        help="'tutorial': the tutorial's 3-conv-layer CNN; 'resnet20': the CIFAR ResNet-20 of "
+        "He et al. 2016, attention after each residual branch's last BN (default: tutorial)",
+    )
+    train.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
-        default="fast",
+        default=None,
         help="'tutorial': the tutorial's Adam / batch 64 / 50 epochs / heavy augmentation; "
-        "'fast': SGD one-cycle, batch 256, bf16 + channels_last (default: fast)",
+        "'fast': SGD one-cycle, batch 256, bf16 + channels_last; 'resnet20': the fast "
+        "recipe's settings for ResNet-20, 24 epochs (default: fast, or resnet20 with "
+        "--model resnet20)",
     )
     train.add_argument(
         "--arms",
         default="baseline,se",
-        help="comma-separated arms: baseline, se, or a block name (default: baseline,se)",
+        help="comma-separated arms: baseline, se, se_r4 (SE with r = 4), or a block name "
+        "(default: baseline,se)",
     )
     train.add_argument(
         "--block",
@@ -131,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument(
         "--targets",
-        default="81.4,84.7",
-        help="test accuracies (%%) whose time to reach is reported (default: 81.4,84.7)",
+        default=None,
+        help="test accuracies (%%) whose time to reach is reported (default: 81.4,84.7, "
+        "or 90 with --model resnet20)",
     )
     train.add_argument(
         "--keep-freed-memory",
@@ -181,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not arms:
         p.error(f"--arms/--block: unknown arm(s) {bad}; valid arms are {valid}")
     args.arms = ",".join(arms)
+    if args.recipe is None:
+        args.recipe = "resnet20" if args.model == "resnet20" else "fast"
+    if args.targets is None:
+        args.targets = "90" if args.model == "resnet20" else "81.4,84.7"
     args.arm_list = arms
     try:
         args.settings = dict(parse_setting(item) for item in args.set)
@@ -207,6 +224,7 @@ SAVED_KEYS = (
     "cache_dir",
     "subset",
     "test_subset",
+    "model",
     "recipe",
     "arms",
     "seeds",
@@ -231,6 +249,7 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
         if not config.exists():
             raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
         saved = json.loads(config.read_text())["args"]
+        saved.setdefault("model", "tutorial")  # run folders from before --model
         for key in SAVED_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key, None)))
         args.settings = {
@@ -365,14 +384,16 @@ def train_all(
         f"data: {len(train)} train / {len(test)} test images, {len(train.classes)} classes "
         f"({data_s:.1f}s)"
     )
+    which = "" if args.model == "tutorial" else f"model {args.model}, "
     say(
-        f"recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}"
+        f"{which}recipe {recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size}"
         f"{f' per process x {world} processes' if world > 1 else ''}, "
         f"{recipe.optimizer} lr {recipe.lr}, precision {recipe.precision} "
         f"({amp or torch.float32}), channels_last {recipe.channels_last}, device {device}"
     )
     progress = _progress_factory(lead and not args.no_progress)
     summary: dict[str, Any] = {
+        "model": args.model,
         "recipe": recipe.to_dict(),
         "environment": env,
         "data": {
@@ -391,7 +412,7 @@ def train_all(
         params = 0
         for seed in range(args.seed, args.seed + args.seeds):
             torch.manual_seed(seed)
-            model = build_model(arm, num_classes=len(train.classes))
+            model = build_model(arm, model=args.model, num_classes=len(train.classes))
             params = count_parameters(model)
             say(f"[{arm} seed {seed}] {params:,} parameters")
             ckpt = run_dir / "checkpoints" / f"{arm}-seed{seed}.pt"

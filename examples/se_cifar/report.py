@@ -21,6 +21,12 @@ __all__ = ["compare_runs", "make_figures", "summary_figure"]
 
 FEATURE_SITES = ["features.block1.relu", "features.block2.relu", "features.block3.relu"]
 LAST_SITE = "features.block3.relu"
+#: Per model: the three feature maps drawn, the Grad-CAM layer, and the attention site
+#: whose gate is profiled (for ResNet-20 the last residual branch of the last stage).
+SITES = {
+    "tutorial": (FEATURE_SITES, LAST_SITE, LAST_SITE),
+    "resnet20": (["layer1", "layer2", "layer3"], "layer3", "layer3.2.bn2"),
+}
 SHOW_IMAGES = 6
 
 
@@ -54,7 +60,9 @@ def _load_models(run_dirs: list[Path], num_classes: int) -> dict[str, nn.Module]
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         for arm, info in summary["arms"].items():
-            model = build_model(arm, num_classes=num_classes)
+            model = build_model(
+                arm, model=summary.get("model", "tutorial"), num_classes=num_classes
+            )
             blob = torch.load(
                 run_dir / info["runs"][0]["checkpoint"], weights_only=False, map_location="cpu"
             )
@@ -157,7 +165,10 @@ def summary_figure(summary: dict[str, Any]) -> Any:
         )
         lines.append(f"{arm} - baseline: {100 * comp['difference']:+.2f} points, {ci}")
     recipe = summary.get("recipe", {}).get("name", "?")
-    fig.suptitle("\n".join([f"CIFAR-10, recipe '{recipe}': " + " vs ".join(arms), *lines]))
+    model = summary.get("model", "tutorial")
+    where = "CIFAR-10" if model == "tutorial" else f"CIFAR-10, {model}"
+    head = f"{where}, recipe '{recipe}': " + " vs ".join(arms)
+    fig.suptitle("\n".join([head, *lines]))
     return fig
 
 
@@ -181,6 +192,7 @@ def _figures(
 
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     classes = test.classes
+    feature_sites, cam_site, gate_site = SITES[summary.get("model", "tutorial")]
     save(
         plot.training_curves(histories, smooth=25, title="training: " + " vs ".join(histories)),
         "training_curves",
@@ -210,9 +222,9 @@ def _figures(
             ),
             f"confusion_{arm}",
         )
-        with inspect.record_features(model, FEATURE_SITES) as rec, torch.no_grad():
+        with inspect.record_features(model, feature_sites) as rec, torch.no_grad():
             model(images)
-        features = {f"conv{k + 1}": rec.features[s] for k, s in enumerate(FEATURE_SITES)}
+        features = {f"conv{k + 1}": rec.features[s] for k, s in enumerate(feature_sites)}
         for j in range(2):
             save(
                 plot.feature_map_grid(
@@ -240,7 +252,7 @@ def _figures(
             f"heatmap_activation_{arm}",
         )
         cams[arm] = inspect.grad_cam(
-            model, images, targets, LAST_SITE, size=tuple(images.shape[-2:])
+            model, images, targets, cam_site, size=tuple(images.shape[-2:])
         )
         if _has(model, "has_spatial_map"):
             with inspect.record_maps(model) as mrec, torch.no_grad():
@@ -259,7 +271,7 @@ def _figures(
         if _has(model, "has_channel_gate"):
             with inspect.record_gates(model) as grec, torch.no_grad():
                 model(images)
-            last = [g for name, g in grec.gates.items() if name.startswith(LAST_SITE)]
+            last = [g for name, g in grec.gates.items() if name.startswith(gate_site)]
         if last:  # the arm's blocks apply a channel gate: rank by it, and profile it
             last_gate = last[0]
             save(
@@ -334,6 +346,9 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
         if not path.exists():
             raise SystemExit(f"--compare: {run_dir} has no summary.json; is the run finished?")
         summaries.append(json.loads(path.read_text()))
+    kinds = {s.get("model", "tutorial") for s in summaries}
+    if len(kinds) > 1:
+        raise SystemExit(f"--compare: the runs trained different models {sorted(kinds)}.")
     joint: dict[str, Any] = {**summaries[0], "arms": {}, "sources": [str(d) for d in run_dirs]}
     for s in summaries:
         joint["arms"].update(s["arms"])
