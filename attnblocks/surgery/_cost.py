@@ -110,7 +110,7 @@ def estimate_block_cost(
         # Count the block's reference modules, not a fast path (ECA's shifted sums in
         # place of its conv1d): whether a fast path runs depends on the torch version
         # and on hooks (newer FlopCounterModes register global module hooks).
-        block.fast_path = False
+        block.fast_path = False  # type: ignore[assignment]  # a plain attribute
     macs = FlopCounterMode(display=False)
     elementwise = _elementwise_counter_class()()
     with torch.no_grad(), macs, elementwise:
