@@ -199,3 +199,49 @@ def test_resnet20_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 class _Blank:
     def savefig(self, path: Path, **_: Any) -> None:
         Path(path).write_bytes(b"")
+
+
+def _fake_summary(arm_seeds: dict[str, list[int]], recipe: str = "resnet20") -> dict[str, Any]:
+    arms = {
+        arm: {
+            "params": 1000 + len(arm),
+            "runs": [
+                {"seed": s, "final_test_acc": 0.9 + s / 100, "best_test_acc": 0.91 + s / 100}
+                for s in seeds
+            ],
+        }
+        for arm, seeds in arm_seeds.items()
+    }
+    return {"recipe": {"name": recipe}, "arms": arms}
+
+
+def test_merge_arms_joins_seeds_of_one_arm_across_run_folders() -> None:
+    from se_cifar.report import merge_arms
+
+    parts = [
+        _fake_summary({"baseline": [1], "se": [1]}),
+        _fake_summary({"baseline": [0], "se": [0]}),
+        _fake_summary({"eca": [0, 2]}),
+    ]
+    arms = merge_arms(parts, [Path("s1"), Path("s0"), Path("eca")])
+    assert sorted(arms) == ["baseline", "eca", "se"]
+    assert [r["seed"] for r in arms["baseline"]["runs"]] == [0, 1]
+    assert [r["source"] for r in arms["baseline"]["runs"]] == ["s0", "s1"]
+    assert arms["baseline"]["final_test_acc_mean"] == pytest.approx(0.905)
+    assert arms["baseline"]["final_test_acc_std"] == pytest.approx(0.01 / 2**0.5)
+    assert arms["eca"]["best_test_acc_mean"] == pytest.approx(0.92)
+    assert arms["se"]["params"] == 1002
+
+
+def test_merge_arms_refuses_a_seed_twice_and_mixed_recipes() -> None:
+    from se_cifar.report import merge_arms
+
+    with pytest.raises(SystemExit, match="seed 0 is in more than one run"):
+        merge_arms(
+            [_fake_summary({"se": [0]}), _fake_summary({"se": [0, 1]})], [Path("a"), Path("b")]
+        )
+    with pytest.raises(SystemExit, match="different recipes"):
+        merge_arms(
+            [_fake_summary({"se": [0]}), _fake_summary({"se": [1]}, recipe="fast")],
+            [Path("a"), Path("b")],
+        )

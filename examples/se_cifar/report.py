@@ -17,7 +17,7 @@ from se_cifar.models import build_model
 from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD
 from se_cifar.stats import comparisons, mean_std
 
-__all__ = ["compare_runs", "make_figures", "summary_figure"]
+__all__ = ["compare_runs", "make_figures", "merge_arms", "summary_figure"]
 
 FEATURE_SITES = ["features.block1.relu", "features.block2.relu", "features.block3.relu"]
 LAST_SITE = "features.block3.relu"
@@ -38,11 +38,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def _histories(run_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
     """{arm: history} for the first seed of each arm, in attnblocks.plot's format."""
     out: dict[str, dict[str, list[float]]] = {}
+    first: dict[str, int] = {}
     for run_dir in run_dirs:
         epochs = _read_csv(run_dir / "metrics.csv")
         iters = _read_csv(run_dir / "iterations.csv")
         for arm in dict.fromkeys(r["arm"] for r in epochs):
             seed = min(int(r["seed"]) for r in epochs if r["arm"] == arm)
+            if arm in first and first[arm] <= seed:
+                continue
+            first[arm] = seed
             rows = [r for r in epochs if r["arm"] == arm and int(r["seed"]) == seed]
             hist: dict[str, list[float]] = {
                 key: [float(r[key]) for r in rows]
@@ -57,9 +61,13 @@ def _histories(run_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
 
 def _load_models(run_dirs: list[Path], num_classes: int) -> dict[str, nn.Module]:
     models: dict[str, nn.Module] = {}
+    first: dict[str, int] = {}
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         for arm, info in summary["arms"].items():
+            if arm in first and first[arm] <= info["runs"][0]["seed"]:
+                continue
+            first[arm] = info["runs"][0]["seed"]
             model = build_model(
                 arm, model=summary.get("model", "tutorial"), num_classes=num_classes
             )
@@ -338,6 +346,43 @@ def make_figures(run_dir: Path) -> list[Path]:
     return _figures(summary, _histories([run_dir]), models, test, run_dir / "figures")
 
 
+def merge_arms(summaries: list[dict[str, Any]], run_dirs: list[Path]) -> dict[str, Any]:
+    """The arms of several finished runs joined into one ``summary["arms"]``.
+
+    An arm found in several runs (e.g. one run folder per seed) gets all their seeds, its
+    mean and std recomputed over them; each run records its ``source`` folder (its checkpoint
+    path is relative to that). Refused: runs of different recipes, and a seed of an arm twice.
+    """
+    recipes = {json.dumps(s.get("recipe"), sort_keys=True) for s in summaries}
+    if len(recipes) > 1:
+        raise SystemExit("--compare: the runs used different recipes; compare like with like.")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    params: dict[str, int] = {}
+    for summary, run_dir in zip(summaries, run_dirs, strict=True):
+        for arm, info in summary["arms"].items():
+            seen = {r["seed"] for r in runs.get(arm, [])}
+            for run in info["runs"]:
+                if run["seed"] in seen:
+                    raise SystemExit(
+                        f"--compare: arm {arm!r} seed {run['seed']} is in more than one run "
+                        f"(again in {run_dir})."
+                    )
+                runs.setdefault(arm, []).append({**run, "source": str(run_dir)})
+            params[arm] = info["params"]
+    arms: dict[str, Any] = {}
+    for arm, arm_runs in runs.items():
+        arm_runs.sort(key=lambda r: r["seed"])
+        mean, std = mean_std([r["final_test_acc"] for r in arm_runs])
+        arms[arm] = {
+            "params": params[arm],
+            "runs": arm_runs,
+            "final_test_acc_mean": mean,
+            "final_test_acc_std": std,
+            "best_test_acc_mean": mean_std([r["best_test_acc"] for r in arm_runs])[0],
+        }
+    return arms
+
+
 def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
     """Join two finished runs (e.g. one per arm) into one summary and one set of figures."""
     summaries = []
@@ -349,9 +394,11 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
     kinds = {s.get("model", "tutorial") for s in summaries}
     if len(kinds) > 1:
         raise SystemExit(f"--compare: the runs trained different models {sorted(kinds)}.")
-    joint: dict[str, Any] = {**summaries[0], "arms": {}, "sources": [str(d) for d in run_dirs]}
-    for s in summaries:
-        joint["arms"].update(s["arms"])
+    joint: dict[str, Any] = {
+        **summaries[0],
+        "arms": merge_arms(summaries, run_dirs),
+        "sources": [str(d) for d in run_dirs],
+    }
     joint.pop("comparison", None)
     joint.pop("comparisons", None)
     joint.update(comparisons(joint["arms"]))
