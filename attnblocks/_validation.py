@@ -7,6 +7,8 @@ quote the value received and say what is valid, instead of ``assert``.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -14,6 +16,8 @@ from attnblocks._errors import ChannelMismatchError, InvalidArgumentError, Inval
 
 __all__ = [
     "MAX_EXPANSION",
+    "check_bool",
+    "check_choice",
     "check_feature_map",
     "check_positive_int",
     "check_positive_number",
@@ -24,6 +28,28 @@ __all__ = [
 #: (``reduction >= 1 / MAX_EXPANSION``): far beyond any published block, small enough
 #: that a typo such as ``reduction=1e-19`` is an error, not an overflow or a huge allocation.
 MAX_EXPANSION = 64
+
+
+T = TypeVar("T")
+
+
+def check_bool(value: object, name: str, *, owner: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(
+            f"{owner}: {name} must be True or False, got {value!r} (type {type(value).__name__})."
+        )
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[T], *, owner: str) -> T:
+    """Return ``value`` if it is one of ``choices``, else raise listing them."""
+    for choice in choices:
+        if isinstance(value, type(choice)) and value == choice:
+            return choice
+    raise InvalidArgumentError(
+        f"{owner}: unknown {name} {value!r}; valid values are {list(choices)}."
+    )
 
 
 def check_positive_int(value: object, name: str, *, owner: str) -> int:

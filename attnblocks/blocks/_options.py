@@ -7,33 +7,11 @@ received and the values that are valid.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_positive_int, check_reduction
+from attnblocks._validation import check_choice, check_positive_int, check_reduction
 
-__all__ = ["check_bool", "check_choice", "check_init", "hidden_width"]
-
-T = TypeVar("T")
-
-
-def check_bool(value: object, name: str, *, owner: str) -> bool:
-    """Return ``value`` if it is ``True`` or ``False``, else raise."""
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(
-            f"{owner}: {name} must be True or False, got {value!r} (type {type(value).__name__})."
-        )
-    return value
-
-
-def check_choice(value: object, name: str, choices: Sequence[T], *, owner: str) -> T:
-    """Return ``value`` if it is one of ``choices``, else raise listing them."""
-    for choice in choices:
-        if isinstance(value, type(choice)) and value == choice:
-            return choice
-    raise InvalidArgumentError(
-        f"{owner}: unknown {name} {value!r}; valid values are {list(choices)}."
-    )
+__all__ = ["check_init", "hidden_width"]
 
 
 def check_init(

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_bool, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
@@ -20,7 +20,7 @@ from attnblocks.blocks._ops import (
     match_memory_format,
     to_dtype_of,
 )
-from attnblocks.blocks._options import check_bool, check_init, hidden_width
+from attnblocks.blocks._options import check_init, hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["CoordAttentionBlock"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_positive_int, check_positive_number
+from attnblocks._validation import check_bool, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate, fused_gate_values, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
@@ -26,7 +26,7 @@ from attnblocks.blocks._ops import (
     match_memory_format,
     to_dtype_of,
 )
-from attnblocks.blocks._options import check_bool, check_init
+from attnblocks.blocks._options import check_init
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import mlp_dtype
 

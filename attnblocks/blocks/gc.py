@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_bool, check_choice, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._identity import zero_layer_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
@@ -25,7 +25,7 @@ from attnblocks.blocks._ops import (
     spatial_dims_of,
     to_dtype_of,
 )
-from attnblocks.blocks._options import check_bool, check_choice, check_init, hidden_width
+from attnblocks.blocks._options import check_init, hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["GlobalContextBlock"]

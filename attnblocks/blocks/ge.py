@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_bool, check_choice, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
@@ -27,7 +27,7 @@ from attnblocks.blocks._ops import (
     match_memory_format,
     to_dtype_of,
 )
-from attnblocks.blocks._options import check_bool, check_choice, check_init, hidden_width
+from attnblocks.blocks._options import check_init, hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["GatherExciteBlock"]

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_bool, check_choice, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
@@ -24,7 +24,7 @@ from attnblocks.blocks._ops import (
     match_memory_format,
     to_dtype_of,
 )
-from attnblocks.blocks._options import check_bool, check_choice, check_init, hidden_width
+from attnblocks.blocks._options import check_init, hidden_width
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import mlp_gate
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import (
+    check_bool,
     check_feature_map,
     check_positive_int,
     check_positive_number,
@@ -23,7 +24,7 @@ from attnblocks.blocks._fused_gate import PooledGate, try_fused
 from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import global_avg_pool_for
-from attnblocks.blocks._options import check_bool, check_init
+from attnblocks.blocks._options import check_init
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import mlp_dtype, mlp_gate
 

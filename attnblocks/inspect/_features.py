@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidInputError
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool
 from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, resolve_modules
 

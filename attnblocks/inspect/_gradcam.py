@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool
 from attnblocks.inspect._maps import (
     MapNormalization,
     UpsampleMode,

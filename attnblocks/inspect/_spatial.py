@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidArgumentError
+from attnblocks._validation import check_bool
 from attnblocks.blocks import AttentionBlock
-from attnblocks.blocks._options import check_bool
 from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_map_sites
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool
 
 __all__ = ["eval_mode"]
 

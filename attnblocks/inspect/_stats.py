@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool, check_positive_int
 from attnblocks.inspect._buffer import check_store_device
 from attnblocks.inspect._gates import record_gates
 from attnblocks.inspect._metrics import (

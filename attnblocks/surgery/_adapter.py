@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, SurgeryError
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool
 from attnblocks.surgery._record import inserted_sites
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from attnblocks._errors import SelectorError
-from attnblocks.blocks._options import check_bool
+from attnblocks._validation import check_bool
 
 __all__ = ["Selector", "describe_selector", "resolve_selectors"]
 
