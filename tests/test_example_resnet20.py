@@ -195,6 +195,22 @@ def test_resnet20_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     names = {p.name for p in written}
     assert {"gradcam.png", "gate_profiles_se.png", "feature_maps_se_0.png"} <= names
 
+    # gate_specificity.py: per-site specificity with true and with shuffled labels
+    import gate_specificity
+
+    result = gate_specificity.main([str(out), "--out", str(tmp_path / "gates")])
+    sites = result["seeds"]["0"]
+    assert list(sites) == [f"layer{s}.{b}.bn2.se" for s in (1, 2, 3) for b in range(3)]
+    for row in sites.values():
+        assert row["specificity"] >= 0 and row["specificity_shuffled_labels"] >= 0
+        assert 0 <= row["variance_explained_by_class"] <= 1
+        assert 0 < row["mean_gate"] < 1 and 0 <= row["saturation"] <= 1
+    assert (tmp_path / "gates" / "gate_profiles_se.png").exists()
+    saved = json.loads((tmp_path / "gates" / "gate_specificity.json").read_text())
+    assert saved["seeds"] == result["seeds"] and saved["model"] == "resnet20"
+    with pytest.raises(SystemExit, match="has the arm 'eca'"):
+        gate_specificity.main([str(out), "--arm", "eca", "--out", str(tmp_path / "g2")])
+
 
 class _Blank:
     def savefig(self, path: Path, **_: Any) -> None:
