@@ -8,14 +8,15 @@ blocks). Every refusal happens here, so a failed call leaves the model as it was
 from __future__ import annotations
 
 import keyword
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from attnblocks._errors import AttnBlocksError, InvalidArgumentError, SurgeryError
+from attnblocks._validation import check_choice
 from attnblocks.blocks import available_blocks, create_block, get_block_class
 from attnblocks.surgery._attach import (
     AttachMode,
@@ -24,9 +25,15 @@ from attnblocks.surgery._attach import (
     attached_modules,
     hooked_attrs,
 )
-from attnblocks.surgery._channels import infer_channels, infer_spatial_ranks, is_channels_last_norm
-from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
+from attnblocks.surgery._channels import (
+    ChannelInfo,
+    infer_channels,
+    infer_spatial_ranks,
+    is_channels_last_norm,
+)
+from attnblocks.surgery._probe import ExampleInput, OutputRecord, ProbeResult, run_probe
 from attnblocks.surgery._record import remember_insertion
+from attnblocks.surgery._request import SurgeryRequest
 from attnblocks.surgery._selectors import Selector, resolve_selectors
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
@@ -49,9 +56,12 @@ class PreparedSite:
     output_shape: tuple[int, ...] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preparation:
-    """Everything an insertion needs, computed without touching the model."""
+    """Everything an insertion needs, computed without touching the model.
+
+    The checked arguments first; :func:`prepare` adds the sites last.
+    """
 
     block_class: type[nn.Module]
     block_name: str
@@ -363,20 +373,13 @@ def _class_text(cls: type) -> str:
 
 
 def prepare(
-    model: object,
-    layers: Sequence[Selector],
-    *,
-    block: str | type[nn.Module],
-    init: str,
-    example_input: ExampleInput | None,
-    strict: bool,
-    name: str | None,
-    block_kwargs: Mapping[str, Any],
-    owner: str,
-    count_macs: bool = False,
-    place: bool = True,
+    request: SurgeryRequest, *, count_macs: bool = False, place: bool = True
 ) -> Preparation:
     """Check the request and return the sites with their blocks built (not attached).
+
+    The steps, in the order their refusals are raised: the arguments, the selected
+    modules, then (with ``example_input``) one probing forward pass or (without) the
+    channels each module declares, and last each site's block.
 
     With ``place=True`` each block is moved to the device and floating dtype of the
     module it follows; a dry run passes ``place=False`` and keeps them on the CPU.
@@ -386,13 +389,32 @@ def prepare(
         SelectorError: a selector is malformed or (``strict=True``) matches nothing.
         SurgeryError: a selected module cannot take a block.
     """
-    model = _check_model(model, owner=owner)
-    block_class, block_name = block_identity(block, owner=owner)
-    attr = _check_attr(block_name if name is None else name, owner=owner)
-    if init not in _INIT_MODES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown init {init!r}; valid values are {list(_INIT_MODES)}."
+    model = _check_model(request.model, owner=request.owner)
+    checked = _check_arguments(request)
+    selected = _select_sites(model, request, checked)
+    static = [infer_channels(module) for _, module in selected]
+    records: Sequence[OutputRecord | None] = [None] * len(selected)
+    model_macs: int | None = None
+    if request.example_input is not None:
+        probe = _probe_sites(
+            model, request, request.example_input, selected, static, count_macs=count_macs
         )
+        records, model_macs = probe.records, probe.model_macs
+    else:
+        _require_declared_channels(selected, static, owner=request.owner)
+    sites = [
+        _build_site(model, checked, selected_site, info, record, place=place, owner=request.owner)
+        for selected_site, info, record in zip(selected, static, records, strict=True)
+    ]
+    return replace(checked, sites=sites, model_macs=model_macs)
+
+
+def _check_arguments(request: SurgeryRequest) -> Preparation:
+    """Check ``block``, ``name``, ``init`` and the block options; no sites yet."""
+    owner = request.owner
+    block_class, block_name = block_identity(request.block, owner=owner)
+    attr = _check_attr(block_name if request.name is None else request.name, owner=owner)
+    init = check_choice(request.init, "init", _INIT_MODES, owner=owner)
     if init == "identity" and not getattr(block_class, "supports_identity_init", False):
         reason = getattr(block_class, "identity_init_unavailable", "")
         supported = [
@@ -406,7 +428,7 @@ def prepare(
             + (f": {reason}" if isinstance(reason, str) and reason else ".")
             + f" Use init='default', or a block that supports it: {supported}."
         )
-    options = dict(block_kwargs)
+    options = dict(request.block_kwargs)
     for reserved in ("channels", "init"):
         if reserved in options:
             raise InvalidArgumentError(
@@ -415,8 +437,15 @@ def prepare(
             )
     if init == "identity":
         options["init"] = "identity"
+    return Preparation(block_class, block_name, attr, init, options)
 
-    selected = resolve_selectors(model, layers, strict=strict, owner=owner)
+
+def _select_sites(
+    model: nn.Module, request: SurgeryRequest, checked: Preparation
+) -> list[tuple[str, nn.Module]]:
+    """Resolve the selectors; refuse a selected module that cannot take the block."""
+    owner = request.owner
+    selected = resolve_selectors(model, request.layers, strict=request.strict, owner=owner)
     names_of: dict[int, list[str]] = {}
     for qualified, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(qualified)
@@ -433,8 +462,8 @@ def prepare(
         problem = _site_problem(
             site_name,
             module,
-            attr=attr,
-            block_class=block_class,
+            attr=checked.attr,
+            block_class=checked.block_class,
             aliases=names_of.get(id(module), [site_name]),
         )
         if problem is not None:
@@ -446,77 +475,104 @@ def prepare(
                 "attention blocks gate channels-first (N, C, *spatial) tensors. Select a "
                 "module after the permute back to (N, C, H, W)."
             )
+    return selected
 
-    static = [infer_channels(module) for _, module in selected]
-    records: list[OutputRecord | None] = [None] * len(selected)
-    model_macs: int | None = None
-    if example_input is not None:
-        lazy = _lazy_module_names(model)
-        if lazy:
-            shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
-            raise SurgeryError(
-                f"{owner}: the model has lazy modules whose parameters are not "
-                f"initialised yet ({shown}); the forward pass with example_input would "
-                "initialise them and fix their input sizes, which a refused call or a dry "
-                "run must not do. Run one forward pass first (model(example_input)), then "
-                f"call {owner} again; or leave example_input out if every site's channels "
-                "can be read from the module itself (e.g. LazyConv2d.out_channels)."
-            )
-        probe = run_probe(
-            model, example_input, [m for _, m in selected], owner=owner, count_macs=count_macs
+
+def _probe_sites(
+    model: nn.Module,
+    request: SurgeryRequest,
+    example_input: ExampleInput,
+    selected: Sequence[tuple[str, nn.Module]],
+    static: Sequence[ChannelInfo | None],
+    *,
+    count_macs: bool,
+) -> ProbeResult:
+    """Run the model once on ``example_input``; refuse a site whose output cannot be gated."""
+    owner = request.owner
+    lazy = _lazy_module_names(model)
+    if lazy:
+        shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
+        raise SurgeryError(
+            f"{owner}: the model has lazy modules whose parameters are not "
+            f"initialised yet ({shown}); the forward pass with example_input would "
+            "initialise them and fix their input sizes, which a refused call or a dry "
+            "run must not do. Run one forward pass first (model(example_input)), then "
+            f"call {owner} again; or leave example_input out if every site's channels "
+            "can be read from the module itself (e.g. LazyConv2d.out_channels)."
         )
-        records = list(probe.records)
-        model_macs = probe.model_macs
-        for (site_name, module), info, probed in zip(selected, static, probe.records, strict=True):
-            expected = info.channels if info is not None else None
-            problem = _record_problem(site_name, module, probed, expected)
-            if problem is not None:
-                if probed.calls == 0:
-                    problem += _not_called_hint(selected, probe.records, layers)
-                raise SurgeryError(f"{owner}: {problem}")
-    else:
-        unknown = [
-            f"{site_name!r} ({type(module).__name__})"
-            for (site_name, module), info in zip(selected, static, strict=True)
-            if info is None
-        ]
-        if unknown:
-            raise SurgeryError(
-                f"{owner}: cannot tell the output channels of {', '.join(unknown)} from "
-                "the module alone. Pass example_input=<a batch the model accepts, e.g. "
-                f"torch.randn(1, 3, 224, 224)> so that {owner} runs the model once and "
-                "reads each output's shape."
-            )
-
-    sites: list[PreparedSite] = []
-    for (site_name, module), info, record in zip(selected, static, records, strict=True):
-        if info is not None:
-            channels, source = info.channels, info.source
-        elif record is not None and record.shape is not None:
-            channels, source = record.shape[1], "example_input"
-        else:  # pragma: no cover - excluded by the checks above
-            raise SurgeryError(f"{owner}: no channel count for module {site_name!r}.")
-        try:
-            built = create_block(block_class, channels, **options)
-        except AttnBlocksError as err:
-            raise type(err)(
-                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
-                f"module {site_name!r}: {err}"
-            ) from None
-        except Exception as err:  # a third-party block's own failure (or memory)
-            raise InvalidArgumentError(
-                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
-                f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
-            ) from err
-        problem = _rank_problem(site_name, module, built, record)
+    probe = run_probe(
+        model, example_input, [m for _, m in selected], owner=owner, count_macs=count_macs
+    )
+    for (site_name, module), info, probed in zip(selected, static, probe.records, strict=True):
+        expected = info.channels if info is not None else None
+        problem = _record_problem(site_name, module, probed, expected)
         if problem is not None:
+            if probed.calls == 0:
+                problem += _not_called_hint(selected, probe.records, request.layers)
             raise SurgeryError(f"{owner}: {problem}")
-        device, dtype = _placement(module, record, model) if place else (None, None)
-        if device is not None:
-            built = _place(built, device, dtype, reinit=init == "identity")
-        built.train(module.training)  # the block runs in its host's mode
-        remember_insertion(built, block_name, init, options, channels)
-        mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
-        shape = record.shape if record is not None else None
-        sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
-    return Preparation(block_class, block_name, attr, init, options, sites, model_macs)
+    return probe
+
+
+def _require_declared_channels(
+    selected: Sequence[tuple[str, nn.Module]],
+    static: Sequence[ChannelInfo | None],
+    *,
+    owner: str,
+) -> None:
+    """Without ``example_input``, every selected module must declare its output channels."""
+    unknown = [
+        f"{site_name!r} ({type(module).__name__})"
+        for (site_name, module), info in zip(selected, static, strict=True)
+        if info is None
+    ]
+    if unknown:
+        raise SurgeryError(
+            f"{owner}: cannot tell the output channels of {', '.join(unknown)} from "
+            "the module alone. Pass example_input=<a batch the model accepts, e.g. "
+            f"torch.randn(1, 3, 224, 224)> so that {owner} runs the model once and "
+            "reads each output's shape."
+        )
+
+
+def _build_site(
+    model: nn.Module,
+    checked: Preparation,
+    selected: tuple[str, nn.Module],
+    info: ChannelInfo | None,
+    record: OutputRecord | None,
+    *,
+    place: bool,
+    owner: str,
+) -> PreparedSite:
+    """Build the block for one site, check its rank and place it on the site's device."""
+    site_name, module = selected
+    block_class, options = checked.block_class, checked.block_kwargs
+    if info is not None:
+        channels, source = info.channels, info.source
+    elif record is not None and record.shape is not None:
+        channels, source = record.shape[1], "example_input"
+    else:  # pragma: no cover - excluded by the checks above
+        raise SurgeryError(f"{owner}: no channel count for module {site_name!r}.")
+    try:
+        built = create_block(block_class, channels, **options)
+    except AttnBlocksError as err:
+        raise type(err)(
+            f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+            f"module {site_name!r}: {err}"
+        ) from None
+    except Exception as err:  # a third-party block's own failure (or memory)
+        raise InvalidArgumentError(
+            f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+            f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
+        ) from err
+    problem = _rank_problem(site_name, module, built, record)
+    if problem is not None:
+        raise SurgeryError(f"{owner}: {problem}")
+    device, dtype = _placement(module, record, model) if place else (None, None)
+    if device is not None:
+        built = _place(built, device, dtype, reinit=checked.init == "identity")
+    built.train(module.training)  # the block runs in its host's mode
+    remember_insertion(built, checked.block_name, checked.init, options, channels)
+    mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
+    shape = record.shape if record is not None else None
+    return PreparedSite(site_name, module, channels, source, mode, built, shape)
