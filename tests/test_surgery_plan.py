@@ -124,3 +124,25 @@ def test_cost_of_a_batchnorm_block_on_a_map_that_gathers_to_one_cell() -> None:
     # three depthwise 3x3 convolutions of stride 2: 7x7 -> 4x4 -> 2x2 -> 1x1
     assert plan.macs_added == 8 * 9 * (16 + 4 + 1)
     assert model.training  # the model's own mode is untouched
+
+
+def test_a_block_that_cannot_run_on_meta_gets_no_cost_estimate() -> None:
+    """The cost is counted on the meta device; a data-dependent block gets '-', not an error."""
+
+    class DataDependent(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(channels))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = float(x.abs().max().item()) or 1.0  # .item() fails on meta tensors
+            return x * self.weight.view(1, -1, 1, 1) / scale
+
+    model = small_cnn()
+    plan = plan_attention(
+        model, [nn.BatchNorm2d], block=DataDependent, example_input=torch.ones(2, 3, 16, 16)
+    )
+    assert [(s.macs, s.elementwise_ops) for s in plan.sites] == [(None, None), (None, None)]
+    assert [s.params for s in plan.sites] == [8, 16]
+    assert [s.output_shape is not None for s in plan.sites] == [True, True]
+    assert plan.macs_added is None and plan.model_macs is not None

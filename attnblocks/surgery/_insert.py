@@ -11,6 +11,7 @@ from attnblocks._errors import SurgeryError
 from attnblocks.surgery._attach import attach_block, detach_block
 from attnblocks.surgery._prepare import PreparedSite, prepare
 from attnblocks.surgery._probe import ExampleInput, OutputRecord, describe_example_input, run_probe
+from attnblocks.surgery._request import SurgeryRequest
 from attnblocks.surgery._selectors import Selector
 
 __all__ = ["insert_attention", "insert_se"]
@@ -98,17 +99,10 @@ def insert_attention(
         >>> torch.equal(remove_attention(net)(x), before)
         True
     """
-    return _insert(
-        model,
-        layers,
-        block=block,
-        init=init,
-        example_input=example_input,
-        strict=strict,
-        name=name,
-        block_kwargs=block_kwargs,
-        owner="insert_attention",
+    request = SurgeryRequest(
+        model, layers, block, init, example_input, strict, name, block_kwargs, "insert_attention"
     )
+    return _insert(request)
 
 
 def insert_se(
@@ -146,73 +140,52 @@ def insert_se(
         >>> [name for name, m in net.named_modules() if name.endswith(".se")]
         []
     """
-    return _insert(
-        model,
-        layers,
-        block="se",
-        init=init,
-        example_input=example_input,
-        strict=strict,
-        name=None,
-        block_kwargs=se_kwargs,
-        owner="insert_se",
+    request = SurgeryRequest(
+        model, layers, "se", init, example_input, strict, None, se_kwargs, "insert_se"
     )
+    return _insert(request)
 
 
-def _insert(
-    model: nn.Module,
-    layers: Sequence[Selector],
-    *,
-    block: str | type[nn.Module],
-    init: str,
-    example_input: ExampleInput | None,
-    strict: bool,
-    name: str | None,
-    block_kwargs: dict[str, Any],
-    owner: str,
-) -> nn.Module:
-    prep = prepare(
-        model,
-        layers,
-        block=block,
-        init=init,
-        example_input=example_input,
-        strict=strict,
-        name=name,
-        block_kwargs=block_kwargs,
-        owner=owner,
-    )
+def _insert(request: SurgeryRequest) -> nn.Module:
+    """Attach the blocks :func:`prepare` built; with an example input, check them; undo on error."""
+    prep = prepare(request)
     attached: list[tuple[nn.Module, str]] = []
     try:
         for site in prep.sites:
             attach_block(site.module, prep.attr, site.block, site.mode)
             attached.append((site.module, prep.attr))
-        if example_input is not None and prep.sites:
-            blocks = [site.block for site in prep.sites]
-
-            def blame(index: int | None, records: Sequence[OutputRecord], err: Exception) -> str:
-                return _check_failure(prep.sites, index, records, err, example_input, owner)
-
-            probe = run_probe(model, example_input, blocks, owner=owner, describe_failure=blame)
-            for site, record in zip(prep.sites, probe.records, strict=True):
-                if record.calls != 1:
-                    raise SurgeryError(
-                        f"{owner}: after insertion, the block at {site.name!r} "
-                        f"({type(site.module).__name__}) ran {record.calls} times in one "
-                        "forward pass instead of once; the module's forward probably "
-                        "iterates over its own children. The insertion was undone; select "
-                        "another module."
-                    )
-                problem = _output_problem(site, record)
-                if problem is not None:
-                    raise SurgeryError(
-                        f"{owner}: after insertion, {problem} The insertion was undone."
-                    )
+        if request.example_input is not None and prep.sites:
+            _check_inserted(request, request.example_input, prep.sites)
     except BaseException:
         for module, attr in reversed(attached):
             detach_block(module, attr)
         raise
-    return model
+    return request.model
+
+
+def _check_inserted(
+    request: SurgeryRequest, example_input: ExampleInput, sites: list[PreparedSite]
+) -> None:
+    """Run the model once more: each block must run once and keep its input's shape."""
+    owner = request.owner
+
+    def blame(index: int | None, records: Sequence[OutputRecord], err: Exception) -> str:
+        return _check_failure(sites, index, records, err, example_input, owner)
+
+    blocks = [site.block for site in sites]
+    probe = run_probe(request.model, example_input, blocks, owner=owner, describe_failure=blame)
+    for site, record in zip(sites, probe.records, strict=True):
+        if record.calls != 1:
+            raise SurgeryError(
+                f"{owner}: after insertion, the block at {site.name!r} "
+                f"({type(site.module).__name__}) ran {record.calls} times in one "
+                "forward pass instead of once; the module's forward probably "
+                "iterates over its own children. The insertion was undone; select "
+                "another module."
+            )
+        problem = _output_problem(site, record)
+        if problem is not None:
+            raise SurgeryError(f"{owner}: after insertion, {problem} The insertion was undone.")
 
 
 def _output_problem(site: PreparedSite, record: OutputRecord) -> str | None:

@@ -36,7 +36,7 @@ from attnblocks.blocks import available_blocks, get_block_class
 from attnblocks.surgery._attach import detach_block
 from attnblocks.surgery._insert import insert_attention
 from attnblocks.surgery._probe import ExampleInput
-from attnblocks.surgery._record import InsertedSite, inserted_sites, insertion_record
+from attnblocks.surgery._record import BlockPath, InsertedSite, inserted_sites, insertion_record
 
 __all__ = [
     "CONFIG_NAME",
@@ -256,21 +256,13 @@ def save_attention(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 
 
 @dataclass(frozen=True)
-class _SavedSite:
-    site: str
+class _SavedSite(BlockPath):
+    host_name: str
     attr: str
     block: str
     init: str
     options: dict[str, Any]
     channels: int
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.site}.{self.attr}." if self.site else f"{self.attr}."
-
-    @property
-    def label(self) -> str:
-        return self.prefix[:-1]
 
 
 _SITE_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -373,7 +365,7 @@ def _exact_selector(name: str) -> str:
 
 def _mismatch(owner: str, site: _SavedSite, what: str) -> AttnBlocksError:
     return SurgeryError(
-        f"{owner}: the saved attention does not fit this model at site {site.site!r} "
+        f"{owner}: the saved attention does not fit this model at site {site.host_name!r} "
         f"({site.block}, stored as {site.label!r}): {what} Load it onto the same "
         "architecture (and the same base weights) it was saved from; the model was left "
         "unchanged."
@@ -444,20 +436,20 @@ def load_attention(
     inserted: list[tuple[nn.Module, str]] = []
     try:  # site by site, in saved order; any failure removes what was inserted
         for site in saved:
-            host = modules.get(site.site)
+            host = modules.get(site.host_name)
             if host is None:
                 names = [n for n in modules if n]
-                close = difflib.get_close_matches(site.site, names, n=3, cutoff=0.4)
+                close = difflib.get_close_matches(site.host_name, names, n=3, cutoff=0.4)
                 hint = (
                     f" Closest module names: {close}."
                     if close
                     else f" Its first module names are {names[:5]}."
                 )
-                raise _mismatch(owner, site, f"the model has no module {site.site!r}.{hint}")
+                raise _mismatch(owner, site, f"the model has no module {site.host_name!r}.{hint}")
             try:
                 insert_attention(
                     model,
-                    [_exact_selector(site.site)],
+                    [_exact_selector(site.host_name)],
                     block=site.block,
                     init=site.init,
                     name=site.attr,

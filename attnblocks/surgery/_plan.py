@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from attnblocks.surgery._cost import estimate_block_cost
-from attnblocks.surgery._prepare import prepare
+from attnblocks.surgery._prepare import Preparation, PreparedSite, prepare
 from attnblocks.surgery._probe import ExampleInput
 from attnblocks.surgery._report import AttentionPlan, SitePlan
+from attnblocks.surgery._request import SurgeryRequest
 from attnblocks.surgery._selectors import Selector
 
 __all__ = ["count_parameters", "plan_attention", "plan_se"]
@@ -83,17 +84,10 @@ def plan_attention(
         total                                    580
         parameters: 1,920 -> 2,500 (+30.21%)
     """
-    return _plan(
-        model,
-        layers,
-        block=block,
-        init=init,
-        example_input=example_input,
-        strict=strict,
-        name=name,
-        block_kwargs=block_kwargs,
-        owner="plan_attention",
+    request = SurgeryRequest(
+        model, layers, block, init, example_input, strict, name, block_kwargs, "plan_attention"
     )
+    return _plan(request)
 
 
 def plan_se(
@@ -122,79 +116,51 @@ def plan_se(
         >>> plan.sites[0].macs  # the two fully connected layers: 32*2 + 2*32 per sample
         128
     """
-    return _plan(
-        model,
-        layers,
-        block="se",
-        init=init,
-        example_input=example_input,
-        strict=strict,
-        name=None,
-        block_kwargs=se_kwargs,
-        owner="plan_se",
+    request = SurgeryRequest(
+        model, layers, "se", init, example_input, strict, None, se_kwargs, "plan_se"
     )
+    return _plan(request)
 
 
-def _plan(
-    model: nn.Module,
-    layers: Sequence[Selector],
-    *,
-    block: str | type[nn.Module],
-    init: str,
-    example_input: ExampleInput | None,
-    strict: bool,
-    name: str | None,
-    block_kwargs: dict[str, Any],
-    owner: str,
-) -> AttentionPlan:
+def _plan(request: SurgeryRequest) -> AttentionPlan:
+    """Prepare the request with blocks on the CPU (random state kept) and tabulate the sites."""
     with torch.random.fork_rng(devices=[]):
-        prep = prepare(
-            model,
-            layers,
-            block=block,
-            init=init,
-            example_input=example_input,
-            strict=strict,
-            name=name,
-            block_kwargs=block_kwargs,
-            owner=owner,
-            count_macs=example_input is not None,
-            place=False,
-        )
-    sites = []
-    batch_size = None
-    for site in prep.sites:
-        macs = elementwise = None
-        if site.output_shape is not None:
-            batch_size = batch_size or site.output_shape[0]
-            try:
-                cost = estimate_block_cost(
-                    prep.block_class, site.channels, prep.block_kwargs, site.output_shape
-                )
-                macs, elementwise = cost.macs, cost.elementwise
-            except Exception:
-                macs = elementwise = None
-        hidden = getattr(site.block, "hidden_channels", None)
-        sites.append(
-            SitePlan(
-                name=site.name,
-                module_type=type(site.module).__name__,
-                channels=site.channels,
-                channel_source=site.channel_source,
-                hidden_channels=hidden if isinstance(hidden, int) else None,
-                params=count_parameters(site.block),
-                output_shape=site.output_shape,
-                macs=macs,
-                elementwise_ops=elementwise,
-            )
-        )
+        prep = prepare(request, count_macs=request.example_input is not None, place=False)
+    sites = tuple(_site_plan(site, prep) for site in prep.sites)
+    batches = [site.output_shape[0] for site in prep.sites if site.output_shape is not None]
     return AttentionPlan(
         block=prep.block_class.__name__,
         block_name=prep.block_name,
         attr=prep.attr,
         init=prep.init,
-        sites=tuple(sites),
-        model_params=count_parameters(model),
+        sites=sites,
+        model_params=count_parameters(request.model),
         model_macs=prep.model_macs,
-        batch_size=batch_size,
+        batch_size=next((n for n in batches if n), batches[0] if batches else None),
+    )
+
+
+def _site_plan(site: PreparedSite, prep: Preparation) -> SitePlan:
+    """One row of the plan: the site, its block's size and (with a shape) its cost."""
+    cost = None
+    if site.output_shape is not None:
+        try:
+            cost = estimate_block_cost(
+                prep.block_class, site.channels, prep.block_kwargs, site.output_shape
+            )
+        except (RuntimeError, TypeError, ValueError):
+            # The block cannot run on the meta device (a data-dependent op such as
+            # .item(), an operator without a meta kernel): no estimate for this site.
+            cost = None
+    hidden = getattr(site.block, "hidden_channels", None)
+    return SitePlan(
+        name=site.name,
+        module_type=type(site.module).__name__,
+        channels=site.channels,
+        channel_source=site.channel_source,
+        hidden_channels=hidden if isinstance(hidden, int) else None,
+        params=count_parameters(site.block),
+        output_shape=site.output_shape,
+        macs=None if cost is None else cost.macs,
+        elementwise_ops=None if cost is None else cost.elementwise,
     )

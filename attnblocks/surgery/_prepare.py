@@ -8,32 +8,32 @@ blocks). Every refusal happens here, so a failed call leaves the model as it was
 from __future__ import annotations
 
 import keyword
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from attnblocks._errors import AttnBlocksError, InvalidArgumentError, SurgeryError
+from attnblocks._validation import check_choice
 from attnblocks.blocks import available_blocks, create_block, get_block_class
-from attnblocks.surgery._attach import (
-    AttachMode,
-    attached_blocks,
-    attached_child,
-    attached_modules,
-    hooked_attrs,
-)
-from attnblocks.surgery._channels import infer_channels, infer_spatial_ranks, is_channels_last_norm
-from attnblocks.surgery._probe import ExampleInput, OutputRecord, run_probe
+from attnblocks.surgery._attach import AttachMode, attached_modules
+from attnblocks.surgery._channels import ChannelInfo, infer_channels, is_channels_last_norm
+from attnblocks.surgery._probe import ExampleInput, OutputRecord, ProbeResult, run_probe
 from attnblocks.surgery._record import remember_insertion
-from attnblocks.surgery._selectors import Selector, resolve_selectors
+from attnblocks.surgery._request import SurgeryRequest
+from attnblocks.surgery._selectors import resolve_selectors
+from attnblocks.surgery._site_problems import (
+    not_called_hint,
+    rank_problem,
+    record_problem,
+    site_problem,
+)
 
 __all__ = ["Preparation", "PreparedSite", "block_identity", "prepare"]
 
 _INIT_MODES = ("default", "identity")
-_MIN_DIMS, _MAX_DIMS = 3, 5  # (N, C) plus 1 to 3 spatial dimensions
-_MAX_BRANCHES = 5  # uncalled branches a suggested selector leaves out, at most
 
 
 @dataclass
@@ -49,9 +49,12 @@ class PreparedSite:
     output_shape: tuple[int, ...] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preparation:
-    """Everything an insertion needs, computed without touching the model."""
+    """Everything an insertion needs, computed without touching the model.
+
+    The checked arguments first; :func:`prepare` adds the sites last.
+    """
 
     block_class: type[nn.Module]
     block_name: str
@@ -148,107 +151,6 @@ def _place(
     return block
 
 
-def _site_problem(
-    name: str,
-    module: nn.Module,
-    *,
-    attr: str,
-    block_class: type[nn.Module],
-    aliases: Sequence[str],
-) -> str | None:
-    """Why ``module`` cannot take the block, or None if it can (static checks)."""
-    kind = type(module).__name__
-    label = f"module {name!r} ({kind})" if name else f"the model itself ({kind})"
-    if isinstance(module, torch.jit.ScriptModule):
-        return f"{label} is a torch.jit.ScriptModule, whose code cannot call a new block."
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-        return (
-            f"{label} is a container (ModuleList/ModuleDict family): it either has no "
-            "forward of its own or its forward iterates over its children, so an added "
-            "child block would be called on the wrong input. Select the layer whose "
-            "output you want gated instead."
-        )
-    if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
-        last = next(reversed(list(module._modules)), None)
-        hint = f", e.g. {name + '.' + last if name else last!r}" if last is not None else ""
-        return (
-            f"{label} is an nn.Sequential subclass with its own forward, which may "
-            "iterate over its children and would then also run an added block. Select "
-            f"one of its layers instead{hint}."
-        )
-    if len(aliases) > 1:
-        return (
-            f"{label} is registered under several names {list(aliases)}: one module "
-            "object used at several places cannot take a block for just one of them."
-        )
-    for other in attached_blocks(module):
-        found = attached_child(module, other)
-        if found is not None and isinstance(found[1], block_class):
-            return (
-                f"{label} already has a {block_class.__name__} inserted as {other!r}; "
-                "inserting twice at the same site would stack two blocks. Call "
-                "remove_attention(model) (or remove_se) first to start again."
-            )
-    if attr in attached_blocks(module) or attr in hooked_attrs(module):
-        if attached_child(module, attr) is None:
-            return (
-                f"{label} still carries the forward hook of a block {attr!r} that was "
-                "deleted by hand; a new block would be applied twice. Call "
-                "remove_attention(model) (or remove_se) first: it drops such leftovers."
-            )
-        if not hasattr(module, attr):  # an appended block renumbered by its Sequential
-            return (
-                f"{label} already has a block inserted as {attr!r}. Pass "
-                "name='<another identifier>' or remove it first with remove_attention."
-            )
-    if hasattr(module, attr):
-        current = getattr(module, attr)
-        return (
-            f"{label} already has an attribute {attr!r} ({type(current).__name__}); the "
-            "block would overwrite it. Pass name='<another identifier>'."
-        )
-    return None
-
-
-def _record_problem(
-    name: str, module: nn.Module, record: OutputRecord, expected: int | None
-) -> str | None:
-    """Why the probed output of ``module`` cannot be gated, or None if it can."""
-    label = f"module {name!r} ({type(module).__name__})" if name else "the model itself"
-    if record.calls == 0:
-        return (
-            f"{label} was not called in the forward pass with example_input, so a block "
-            "attached to it would never run."
-        )
-    if record.calls > 1:
-        return (
-            f"{label} is called {record.calls} times in one forward pass (one module object "
-            "reused at several places, like a shared nn.ReLU), so a block after it would "
-            "gate every one of those tensors. Give each use its own module, or select a "
-            "module that is called once."
-        )
-    shape = record.shape
-    if shape is None:
-        return (
-            f"{label} returns a {record.type_name}, not a tensor; attention blocks gate an "
-            "(N, C, *spatial) tensor."
-        )
-    if record.dtype is not None and not record.dtype.is_floating_point:
-        return f"{label} returns a tensor of dtype {record.dtype}; a floating one is needed."
-    if not _MIN_DIMS <= len(shape) <= _MAX_DIMS:
-        return (
-            f"{label} returns a tensor of shape {shape}; attention blocks gate an "
-            "(N, C, *spatial) feature map with 1 to 3 spatial dimensions (3D to 5D)."
-        )
-    if expected is not None and shape[1] != expected:
-        return (
-            f"{label} should return {expected} channels by its configuration but returned "
-            f"shape {shape}, whose dim 1 is {shape[1]}; its output is not laid out "
-            "(N, C, *spatial)."
-        )
-    return None
-
-
 def _lazy_module_names(model: nn.Module) -> list[str]:
     """Qualified names of the modules holding uninitialised (lazy) parameters or buffers."""
     return [
@@ -262,121 +164,14 @@ def _lazy_module_names(model: nn.Module) -> list[str]:
     ]
 
 
-_RANK_TEXT = {
-    0: "(N, C) vectors",
-    1: "1D feature maps (N, C, L)",
-    2: "2D feature maps (N, C, H, W)",
-    3: "3D feature maps (N, C, D, H, W)",
-}
-
-
-def _rank_problem(
-    name: str, module: nn.Module, block: nn.Module, record: OutputRecord | None
-) -> str | None:
-    """Why ``block`` cannot gate ``module``'s output because of its rank, or None."""
-    dims = getattr(block, "spatial_dims", None)
-    if not isinstance(dims, tuple) or not dims:
-        return None
-    if record is not None and record.shape is not None:
-        ranks: frozenset[int] | None = frozenset({len(record.shape) - 2})
-        seen = f"returns shape {record.shape} with example_input"
-    else:
-        ranks = infer_spatial_ranks(module)
-        seen = "outputs " + " or ".join(
-            _RANK_TEXT.get(r, f"{r}D maps") for r in sorted(ranks or ())
-        )
-    if ranks is None or ranks & set(dims):
-        return None
-    kind = type(block).__name__
-    label = f"module {name!r} ({type(module).__name__})" if name else "the model itself"
-    wanted = " or ".join(_RANK_TEXT.get(d, f"{d}D maps") for d in dims)
-    others = [
-        n
-        for n in available_blocks()
-        if ranks & set(getattr(get_block_class(n), "spatial_dims", ()))
-    ]
-    return (
-        f"{kind} gates {wanted} only, but {label} {seen}, so the model would fail at "
-        f"its first forward pass. Select a module whose output has the rank {kind} "
-        f"needs, or use a block that accepts this one: {others}."
-    )
-
-
-def _not_called_hint(
-    selected: Sequence[tuple[str, nn.Module]],
-    records: Sequence[OutputRecord],
-    layers: Sequence[Selector],
-) -> str:
-    """The other uncalled sites, and a selector that leaves out the branches holding them.
-
-    A branch is the shortest name prefix of an uncalled site under which no selected
-    module was called: for torchvision's inception_v3 ``AuxLogits``, for googlenet
-    ``aux1`` and ``aux2`` (auxiliary heads run in training mode only).
-    """
-    uncalled = [name for (name, _), r in zip(selected, records, strict=True) if r.calls == 0]
-    busy: set[str] = set()  # every prefix of a called site
-    for (name, _), record in zip(selected, records, strict=True):
-        if record.calls:
-            parts = name.split(".")
-            busy.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
-    found: dict[str, None] = {}  # the branches, in order
-    for name in uncalled:
-        parts = name.split(".")
-        prefixes = [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
-        if not any(prefix in found for prefix in prefixes):
-            found[next((p for p in prefixes if p not in busy), name)] = None
-    branches = list(found)
-    hint = ""
-    if len(uncalled) > 1:
-        shown = ", ".join(repr(n) for n in uncalled[1:6])
-        more = f" and {len(uncalled) - 6} more" if len(uncalled) > 6 else ""
-        hint += f" Not called either: {shown}{more}."
-    hint += (
-        " The model runs in eval mode for this check, so branches used in training only, "
-        "such as auxiliary classifiers (torchvision's inception_v3 AuxLogits, googlenet "
-        "aux1 and aux2), do not run."
-    )
-    if not branches or "" in branches or len(branches) > _MAX_BRANCHES:
-        return hint
-    starts = tuple(b + "." for b in branches)
-    subject = "(name + '.')" if any(b in uncalled for b in branches) else "name"
-    target = starts[0] if len(starts) == 1 else starts
-    test = f"{subject}.startswith({target!r})"
-    classes = [s for s in layers if isinstance(s, type)]
-    if classes and len(classes) == len(layers):
-        names = [_class_text(c) for c in classes]
-        which = names[0] if len(names) == 1 else "(" + ", ".join(names) + ")"
-        predicate = f"lambda name, m: isinstance(m, {which}) and not {test}"
-    else:
-        predicate = f"lambda name, m: <your selection> and not {test}"
-    shown_branches = ", ".join(repr(b) for b in branches)
-    return (
-        f"{hint} Leave out {shown_branches} with a predicate selector, e.g. layers=[{predicate}]."
-    )
-
-
-def _class_text(cls: type) -> str:
-    """How a class is written in a suggested selector (``nn.Conv2d`` for torch.nn)."""
-    if cls.__module__.startswith("torch.nn.modules"):
-        return f"nn.{cls.__qualname__}"
-    return cls.__qualname__
-
-
 def prepare(
-    model: object,
-    layers: Sequence[Selector],
-    *,
-    block: str | type[nn.Module],
-    init: str,
-    example_input: ExampleInput | None,
-    strict: bool,
-    name: str | None,
-    block_kwargs: Mapping[str, Any],
-    owner: str,
-    count_macs: bool = False,
-    place: bool = True,
+    request: SurgeryRequest, *, count_macs: bool = False, place: bool = True
 ) -> Preparation:
     """Check the request and return the sites with their blocks built (not attached).
+
+    The steps, in the order their refusals are raised: the arguments, the selected
+    modules, then (with ``example_input``) one probing forward pass or (without) the
+    channels each module declares, and last each site's block.
 
     With ``place=True`` each block is moved to the device and floating dtype of the
     module it follows; a dry run passes ``place=False`` and keeps them on the CPU.
@@ -386,13 +181,32 @@ def prepare(
         SelectorError: a selector is malformed or (``strict=True``) matches nothing.
         SurgeryError: a selected module cannot take a block.
     """
-    model = _check_model(model, owner=owner)
-    block_class, block_name = block_identity(block, owner=owner)
-    attr = _check_attr(block_name if name is None else name, owner=owner)
-    if init not in _INIT_MODES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown init {init!r}; valid values are {list(_INIT_MODES)}."
+    model = _check_model(request.model, owner=request.owner)
+    checked = _check_arguments(request)
+    selected = _select_sites(model, request, checked)
+    static = [infer_channels(module) for _, module in selected]
+    records: Sequence[OutputRecord | None] = [None] * len(selected)
+    model_macs: int | None = None
+    if request.example_input is not None:
+        probe = _probe_sites(
+            model, request, request.example_input, selected, static, count_macs=count_macs
         )
+        records, model_macs = probe.records, probe.model_macs
+    else:
+        _require_declared_channels(selected, static, owner=request.owner)
+    sites = [
+        _build_site(model, checked, selected_site, info, record, place=place, owner=request.owner)
+        for selected_site, info, record in zip(selected, static, records, strict=True)
+    ]
+    return replace(checked, sites=sites, model_macs=model_macs)
+
+
+def _check_arguments(request: SurgeryRequest) -> Preparation:
+    """Check ``block``, ``name``, ``init`` and the block options; no sites yet."""
+    owner = request.owner
+    block_class, block_name = block_identity(request.block, owner=owner)
+    attr = _check_attr(block_name if request.name is None else request.name, owner=owner)
+    init = check_choice(request.init, "init", _INIT_MODES, owner=owner)
     if init == "identity" and not getattr(block_class, "supports_identity_init", False):
         reason = getattr(block_class, "identity_init_unavailable", "")
         supported = [
@@ -406,7 +220,7 @@ def prepare(
             + (f": {reason}" if isinstance(reason, str) and reason else ".")
             + f" Use init='default', or a block that supports it: {supported}."
         )
-    options = dict(block_kwargs)
+    options = dict(request.block_kwargs)
     for reserved in ("channels", "init"):
         if reserved in options:
             raise InvalidArgumentError(
@@ -415,8 +229,15 @@ def prepare(
             )
     if init == "identity":
         options["init"] = "identity"
+    return Preparation(block_class, block_name, attr, init, options)
 
-    selected = resolve_selectors(model, layers, strict=strict, owner=owner)
+
+def _select_sites(
+    model: nn.Module, request: SurgeryRequest, checked: Preparation
+) -> list[tuple[str, nn.Module]]:
+    """Resolve the selectors; refuse a selected module that cannot take the block."""
+    owner = request.owner
+    selected = resolve_selectors(model, request.layers, strict=request.strict, owner=owner)
     names_of: dict[int, list[str]] = {}
     for qualified, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(qualified)
@@ -430,11 +251,11 @@ def prepare(
                 "modules (a class selector such as nn.Conv2d also matches layers inside "
                 "inserted blocks; use a glob, a regex or a predicate instead)."
             )
-        problem = _site_problem(
+        problem = site_problem(
             site_name,
             module,
-            attr=attr,
-            block_class=block_class,
+            attr=checked.attr,
+            block_class=checked.block_class,
             aliases=names_of.get(id(module), [site_name]),
         )
         if problem is not None:
@@ -446,77 +267,104 @@ def prepare(
                 "attention blocks gate channels-first (N, C, *spatial) tensors. Select a "
                 "module after the permute back to (N, C, H, W)."
             )
+    return selected
 
-    static = [infer_channels(module) for _, module in selected]
-    records: list[OutputRecord | None] = [None] * len(selected)
-    model_macs: int | None = None
-    if example_input is not None:
-        lazy = _lazy_module_names(model)
-        if lazy:
-            shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
-            raise SurgeryError(
-                f"{owner}: the model has lazy modules whose parameters are not "
-                f"initialised yet ({shown}); the forward pass with example_input would "
-                "initialise them and fix their input sizes, which a refused call or a dry "
-                "run must not do. Run one forward pass first (model(example_input)), then "
-                f"call {owner} again; or leave example_input out if every site's channels "
-                "can be read from the module itself (e.g. LazyConv2d.out_channels)."
-            )
-        probe = run_probe(
-            model, example_input, [m for _, m in selected], owner=owner, count_macs=count_macs
+
+def _probe_sites(
+    model: nn.Module,
+    request: SurgeryRequest,
+    example_input: ExampleInput,
+    selected: Sequence[tuple[str, nn.Module]],
+    static: Sequence[ChannelInfo | None],
+    *,
+    count_macs: bool,
+) -> ProbeResult:
+    """Run the model once on ``example_input``; refuse a site whose output cannot be gated."""
+    owner = request.owner
+    lazy = _lazy_module_names(model)
+    if lazy:
+        shown = ", ".join(lazy[:5]) + (f" and {len(lazy) - 5} more" if len(lazy) > 5 else "")
+        raise SurgeryError(
+            f"{owner}: the model has lazy modules whose parameters are not "
+            f"initialised yet ({shown}); the forward pass with example_input would "
+            "initialise them and fix their input sizes, which a refused call or a dry "
+            "run must not do. Run one forward pass first (model(example_input)), then "
+            f"call {owner} again; or leave example_input out if every site's channels "
+            "can be read from the module itself (e.g. LazyConv2d.out_channels)."
         )
-        records = list(probe.records)
-        model_macs = probe.model_macs
-        for (site_name, module), info, probed in zip(selected, static, probe.records, strict=True):
-            expected = info.channels if info is not None else None
-            problem = _record_problem(site_name, module, probed, expected)
-            if problem is not None:
-                if probed.calls == 0:
-                    problem += _not_called_hint(selected, probe.records, layers)
-                raise SurgeryError(f"{owner}: {problem}")
-    else:
-        unknown = [
-            f"{site_name!r} ({type(module).__name__})"
-            for (site_name, module), info in zip(selected, static, strict=True)
-            if info is None
-        ]
-        if unknown:
-            raise SurgeryError(
-                f"{owner}: cannot tell the output channels of {', '.join(unknown)} from "
-                "the module alone. Pass example_input=<a batch the model accepts, e.g. "
-                f"torch.randn(1, 3, 224, 224)> so that {owner} runs the model once and "
-                "reads each output's shape."
-            )
-
-    sites: list[PreparedSite] = []
-    for (site_name, module), info, record in zip(selected, static, records, strict=True):
-        if info is not None:
-            channels, source = info.channels, info.source
-        elif record is not None and record.shape is not None:
-            channels, source = record.shape[1], "example_input"
-        else:  # pragma: no cover - excluded by the checks above
-            raise SurgeryError(f"{owner}: no channel count for module {site_name!r}.")
-        try:
-            built = create_block(block_class, channels, **options)
-        except AttnBlocksError as err:
-            raise type(err)(
-                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
-                f"module {site_name!r}: {err}"
-            ) from None
-        except Exception as err:  # a third-party block's own failure (or memory)
-            raise InvalidArgumentError(
-                f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
-                f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
-            ) from err
-        problem = _rank_problem(site_name, module, built, record)
+    probe = run_probe(
+        model, example_input, [m for _, m in selected], owner=owner, count_macs=count_macs
+    )
+    for (site_name, module), info, probed in zip(selected, static, probe.records, strict=True):
+        expected = info.channels if info is not None else None
+        problem = record_problem(site_name, module, probed, expected)
         if problem is not None:
+            if probed.calls == 0:
+                problem += not_called_hint(selected, probe.records, request.layers)
             raise SurgeryError(f"{owner}: {problem}")
-        device, dtype = _placement(module, record, model) if place else (None, None)
-        if device is not None:
-            built = _place(built, device, dtype, reinit=init == "identity")
-        built.train(module.training)  # the block runs in its host's mode
-        remember_insertion(built, block_name, init, options, channels)
-        mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
-        shape = record.shape if record is not None else None
-        sites.append(PreparedSite(site_name, module, channels, source, mode, built, shape))
-    return Preparation(block_class, block_name, attr, init, options, sites, model_macs)
+    return probe
+
+
+def _require_declared_channels(
+    selected: Sequence[tuple[str, nn.Module]],
+    static: Sequence[ChannelInfo | None],
+    *,
+    owner: str,
+) -> None:
+    """Without ``example_input``, every selected module must declare its output channels."""
+    unknown = [
+        f"{site_name!r} ({type(module).__name__})"
+        for (site_name, module), info in zip(selected, static, strict=True)
+        if info is None
+    ]
+    if unknown:
+        raise SurgeryError(
+            f"{owner}: cannot tell the output channels of {', '.join(unknown)} from "
+            "the module alone. Pass example_input=<a batch the model accepts, e.g. "
+            f"torch.randn(1, 3, 224, 224)> so that {owner} runs the model once and "
+            "reads each output's shape."
+        )
+
+
+def _build_site(
+    model: nn.Module,
+    checked: Preparation,
+    selected: tuple[str, nn.Module],
+    info: ChannelInfo | None,
+    record: OutputRecord | None,
+    *,
+    place: bool,
+    owner: str,
+) -> PreparedSite:
+    """Build the block for one site, check its rank and place it on the site's device."""
+    site_name, module = selected
+    block_class, options = checked.block_class, checked.block_kwargs
+    if info is not None:
+        channels, source = info.channels, info.source
+    elif record is not None and record.shape is not None:
+        channels, source = record.shape[1], "example_input"
+    else:  # pragma: no cover - excluded by the checks above
+        raise SurgeryError(f"{owner}: no channel count for module {site_name!r}.")
+    try:
+        built = create_block(block_class, channels, **options)
+    except AttnBlocksError as err:
+        raise type(err)(
+            f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+            f"module {site_name!r}: {err}"
+        ) from None
+    except Exception as err:  # a third-party block's own failure (or memory)
+        raise InvalidArgumentError(
+            f"{owner}: cannot build {block_class.__name__}({channels}, **{options}) for "
+            f"module {site_name!r}: its constructor raised {type(err).__name__}: {err}"
+        ) from err
+    problem = rank_problem(site_name, module, built, record)
+    if problem is not None:
+        raise SurgeryError(f"{owner}: {problem}")
+    device, dtype = _placement(module, record, model) if place else (None, None)
+    if device is not None:
+        built = _place(built, device, dtype, reinit=checked.init == "identity")
+    built.train(module.training)  # the block runs in its host's mode
+    remember_insertion(built, checked.block_name, checked.init, options, channels)
+    mode: AttachMode = "sequential" if isinstance(module, nn.Sequential) else "hook"
+    shape = record.shape if record is not None else None
+    return PreparedSite(site_name, module, channels, source, mode, built, shape)

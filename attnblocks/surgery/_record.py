@@ -16,6 +16,7 @@ from torch import nn
 from attnblocks.surgery._attach import attached_blocks
 
 __all__ = [
+    "BlockPath",
     "InsertedSite",
     "InsertionRecord",
     "inserted_sites",
@@ -54,14 +55,11 @@ def insertion_record(block: nn.Module) -> InsertionRecord | None:
     return record if isinstance(record, InsertionRecord) else None
 
 
-@dataclass(frozen=True)
-class InsertedSite:
-    """One inserted block: its host's qualified name, the host, the attribute and the block."""
+class BlockPath:
+    """Where a block is stored in a model: as attribute ``attr`` of module ``host_name``."""
 
     host_name: str
-    host: nn.Module
     attr: str
-    block: nn.Module
 
     @property
     def prefix(self) -> str:
@@ -72,6 +70,16 @@ class InsertedSite:
     def label(self) -> str:
         """The block's qualified name in the model: ``"<host>.<attr>"``."""
         return self.prefix[:-1]
+
+
+@dataclass(frozen=True)
+class InsertedSite(BlockPath):
+    """One inserted block: its host's qualified name, the host, the attribute and the block."""
+
+    host_name: str
+    host: nn.Module
+    attr: str
+    block: nn.Module
 
 
 def inserted_sites(model: nn.Module) -> Iterator[InsertedSite]:
