@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import check_choice
 
 __all__ = [
+    "MAP_NORMALIZATIONS",
     "MAX_UPSAMPLED_VALUES",
+    "UPSAMPLE_MODES",
     "MapNormalization",
     "UpsampleMode",
     "check_upsample",
@@ -30,8 +33,9 @@ MapNormalization = Literal["image", "shared", "none"]
 #: Interpolation used to bring maps to image resolution.
 UpsampleMode = Literal["nearest", "bilinear", "bicubic", "area"]
 
-_NORMALIZATIONS = ("image", "shared", "none")
-_UPSAMPLE = ("nearest", "bilinear", "bicubic", "area")
+#: The values of :data:`MapNormalization` and :data:`UpsampleMode`, for checking them.
+MAP_NORMALIZATIONS = ("image", "shared", "none")
+UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic", "area")
 M = TypeVar("M", torch.Tensor, Mapping[str, torch.Tensor])
 
 
@@ -81,10 +85,7 @@ def normalize_maps(
         [0.0, 0.25, 0.0, 1.0]
     """
     owner = "normalize_maps"
-    if mode not in _NORMALIZATIONS:
-        raise InvalidArgumentError(
-            f"{owner}: unknown mode {mode!r}; valid modes are {list(_NORMALIZATIONS)}."
-        )
+    check_choice(mode, "mode", MAP_NORMALIZATIONS, owner=owner)
     if isinstance(maps, Mapping):
         checked = {k: _check_maps(v, owner=owner, name=f"maps[{k!r}]") for k, v in maps.items()}
         if mode == "shared" and any(v.numel() for v in checked.values()):
@@ -115,10 +116,7 @@ def check_upsample(size: object, mode: object, *, owner: str) -> tuple[tuple[int
     >>> check_upsample([32, 32], "bilinear", owner="demo")
     ((32, 32), 'bilinear')
     """
-    if mode not in _UPSAMPLE:
-        raise InvalidArgumentError(
-            f"{owner}: unknown upsample mode {mode!r}; valid modes are {list(_UPSAMPLE)}."
-        )
+    check_choice(mode, "upsample mode", UPSAMPLE_MODES, owner=owner)
     if size is None:
         return None, str(mode)
     if (

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_bool
+from attnblocks._validation import check_bool, check_choice
 from attnblocks.blocks import AttentionBlock
 from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_map_sites
@@ -134,10 +133,7 @@ def record_maps(
         >>> tuple(rec.maps["2"].shape)
         (4, 1, 14, 14)
     """
-    if reduce not in _REDUCTIONS:
-        raise InvalidArgumentError(
-            f"record_maps: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
-        )
+    check_choice(reduce, "reduce", _REDUCTIONS, owner="record_maps")
     device = check_store_device(device, owner="record_maps")
     check_bool(keep, "keep", owner="record_maps")
     blocks = find_map_sites(model, sites, owner="record_maps")

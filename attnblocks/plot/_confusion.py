@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.plot._images import check_figsize
 from attnblocks.plot._mpl import check_cmap, new_figure
 
@@ -97,10 +97,7 @@ def confusion_matrix(
         'Confusion matrix, accuracy 75.0% (n=4)'
     """
     owner = "confusion_matrix"
-    if normalize not in _NORMALIZE:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_NORMALIZE)}."
-        )
+    check_choice(normalize, "normalize", tuple(_NORMALIZE), owner=owner)
     check_cmap(cmap, owner=owner)
     t = _labels(targets, "targets", owner)
     p = _labels(predictions, "predictions", owner)

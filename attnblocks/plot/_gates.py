@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.inspect._stats import GateStats, SiteStats
 from attnblocks.plot._images import check_figsize, host
 from attnblocks.plot._mpl import check_cmap, new_figure, require_matplotlib
@@ -326,10 +326,7 @@ def gate_heatmap(
     """
     owner = "gate_heatmap"
     check_cmap(cmap, owner=owner)
-    if value not in _VALUES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown value {value!r}; valid values are {list(_VALUES)}."
-        )
+    check_choice(value, "value", _VALUES, owner=owner)
     vectors = _site_vectors(values, value, class_index, owner)
     if sites is not None:
         missing = [s for s in sites if s not in vectors]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.inspect._maps import (
     MapNormalization,
     UpsampleMode,
@@ -92,10 +92,7 @@ def gradcam_overlay(
     owner = "gradcam_overlay"
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
-    if normalize not in _SCALE_LABEL:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALE_LABEL)}."
-        )
+    check_choice(normalize, "normalize", tuple(_SCALE_LABEL), owner=owner)
     check_cmap(cmap, owner=owner)
     check_upsample(None, upsample, owner=owner)
     batch = as_batch(images, owner=owner)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.inspect._maps import UpsampleMode, check_upsample, normalize_maps, upsample_maps
 from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
 from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
@@ -127,14 +127,8 @@ def spatial_map_overlay(
     owner = "spatial_map_overlay"
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
-    if normalize not in _SCALES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALES)}."
-        )
-    if reduce not in _REDUCTIONS:
-        raise InvalidArgumentError(
-            f"{owner}: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
-        )
+    check_choice(normalize, "normalize", _SCALES, owner=owner)
+    check_choice(reduce, "reduce", _REDUCTIONS, owner=owner)
     check_cmap(cmap, owner=owner)
     check_upsample(None, upsample, owner=owner)
     batch = as_batch(images, owner=owner)
