@@ -23,6 +23,7 @@ __all__ = [
     "MapNormalization",
     "UpsampleMode",
     "check_upsample",
+    "describe_maps",
     "normalize_maps",
     "upsample_maps",
 ]
@@ -39,15 +40,22 @@ UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic", "area")
 M = TypeVar("M", torch.Tensor, Mapping[str, torch.Tensor])
 
 
+def describe_maps(maps: object) -> str:
+    """What was received instead of maps, for a message: a tensor's shape and dtype, or a type.
+
+    >>> describe_maps(torch.zeros(2, 3)), describe_maps([1.0])
+    ('shape (2, 3), dtype torch.float32', 'list')
+    """
+    if isinstance(maps, torch.Tensor):
+        return f"shape {tuple(maps.shape)}, dtype {maps.dtype}"
+    return type(maps).__name__
+
+
 def _check_maps(maps: object, *, owner: str, name: str = "maps") -> torch.Tensor:
     if not isinstance(maps, torch.Tensor) or maps.dim() < 2 or not maps.is_floating_point():
-        got = (
-            f"shape {tuple(maps.shape)}, dtype {maps.dtype}"
-            if isinstance(maps, torch.Tensor)
-            else type(maps).__name__
-        )
         raise InvalidInputError(
-            f"{owner}: {name} must be a floating tensor of shape (N, *spatial), got {got}."
+            f"{owner}: {name} must be a floating tensor of shape (N, *spatial), got "
+            f"{describe_maps(maps)}."
         )
     return maps
 

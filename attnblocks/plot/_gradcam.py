@@ -9,15 +9,10 @@ import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_choice, check_positive_int
-from attnblocks.inspect._maps import (
-    MapNormalization,
-    UpsampleMode,
-    check_upsample,
-    normalize_maps,
-    upsample_maps,
-)
-from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
-from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
+from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
+from attnblocks.plot._images import check_figsize, check_fraction, host
+from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.plot._overlay import draw_overlays, overlay_inputs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -93,13 +88,16 @@ def gradcam_overlay(
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
     check_choice(normalize, "normalize", tuple(_SCALE_LABEL), owner=owner)
-    check_cmap(cmap, owner=owner)
-    check_upsample(None, upsample, owner=owner)
-    batch = as_batch(images, owner=owner)
-    n = min(batch.shape[0], max_images)
-    sets = dict(cams) if isinstance(cams, Mapping) else {"Grad-CAM": cams}
-    if not sets:
-        raise InvalidInputError(f"{owner}: cams is an empty mapping; give at least one map set.")
+    batch, n, sets = overlay_inputs(
+        images,
+        cams,
+        max_images=max_images,
+        cmap=cmap,
+        upsample=upsample,
+        name="cams",
+        default_label="Grad-CAM",
+        owner=owner,
+    )
     size = (batch.shape[-2], batch.shape[-1])
     resized = {}
     for label, maps in sets.items():
@@ -128,22 +126,20 @@ def gradcam_overlay(
     rows = 1 + len(scaled)
     fig = new_figure(check_figsize(figsize, (1.9 * n + 1.6, 1.9 * rows + 0.4), owner=owner))
     axes = fig.subplots(rows, n, squeeze=False)
-    for j in range(n):
-        rgb = to_rgb(batch[j], mean=mean, std=std, owner=owner)
-        gray = "gray" if rgb.ndim == 2 else None
-        axes[0, j].imshow(rgb, cmap=gray)
-        if titles is not None:
-            axes[0, j].set_title(str(titles[j]), fontsize=8)
-        for r, maps in enumerate(scaled.values(), start=1):
-            axes[r, j].imshow(rgb, cmap=gray)
-            axes[r, j].imshow(maps[j].numpy(), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
-    for r, label in enumerate(["input", *scaled], start=0):
-        for j in range(n):
-            axes[r, j].set_xticks([])
-            axes[r, j].set_yticks([])
-            for spine in axes[r, j].spines.values():
-                spine.set_visible(False)
-        axes[r, 0].set_ylabel(label, fontsize=9)
+    draw_overlays(
+        axes,
+        batch,
+        list(scaled.values()),
+        [(vmin, vmax)] * len(scaled),
+        list(scaled),
+        titles=titles,
+        mean=mean,
+        std=std,
+        cmap=cmap,
+        alpha=alpha,
+        label_size=9,
+        owner=owner,
+    )
     bar = fig.colorbar(
         scalar_mappable(cmap, vmin, vmax), ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.02
     )
