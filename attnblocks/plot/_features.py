@@ -10,13 +10,12 @@ import torch
 
 from attnblocks._errors import ChannelMismatchError, InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_choice, check_positive_int
+from attnblocks.inspect import normalize_maps, upsample_maps
 from attnblocks.inspect._maps import (
     MAP_NORMALIZATIONS,
     MapNormalization,
     UpsampleMode,
     check_upsample,
-    normalize_maps,
-    upsample_maps,
 )
 from attnblocks.plot._images import check_figsize, check_fraction, host, to_rgb
 from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable

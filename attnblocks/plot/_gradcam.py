@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._errors import InvalidInputError
 from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
 from attnblocks.plot._images import check_figsize, check_fraction, host
 from attnblocks.plot._mpl import new_figure, scalar_mappable
-from attnblocks.plot._overlay import draw_overlays, overlay_inputs
+from attnblocks.plot._overlay import OverlayStyle, check_titles, draw_rows, map_sets, overlay_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -88,16 +88,9 @@ def gradcam_overlay(
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
     check_choice(normalize, "normalize", tuple(_SCALE_LABEL), owner=owner)
-    batch, n, sets = overlay_inputs(
-        images,
-        cams,
-        max_images=max_images,
-        cmap=cmap,
-        upsample=upsample,
-        name="cams",
-        default_label="Grad-CAM",
-        owner=owner,
-    )
+    style = OverlayStyle(cmap, alpha, mean, std, owner)
+    batch, n = overlay_batch(images, max_images, upsample, style)
+    sets = map_sets(cams, "cams", "Grad-CAM", owner=owner)
     size = (batch.shape[-2], batch.shape[-1])
     resized = {}
     for label, maps in sets.items():
@@ -119,27 +112,12 @@ def gradcam_overlay(
         vmax = max(float(m.max()) for m in scaled.values())
     else:
         vmin, vmax = 0.0, 1.0
-    if titles is not None and len(titles) < n:
-        raise InvalidArgumentError(
-            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
-        )
+    check_titles(titles, n, owner=owner)
     rows = 1 + len(scaled)
     fig = new_figure(check_figsize(figsize, (1.9 * n + 1.6, 1.9 * rows + 0.4), owner=owner))
     axes = fig.subplots(rows, n, squeeze=False)
-    draw_overlays(
-        axes,
-        batch,
-        list(scaled.values()),
-        [(vmin, vmax)] * len(scaled),
-        list(scaled),
-        titles=titles,
-        mean=mean,
-        std=std,
-        cmap=cmap,
-        alpha=alpha,
-        label_size=9,
-        owner=owner,
-    )
+    panels = [(label, m, (vmin, vmax)) for label, m in scaled.items()]
+    draw_rows(axes, batch, panels, titles, style, label_size=9)
     bar = fig.colorbar(
         scalar_mappable(cmap, vmin, vmax), ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.02
     )

@@ -8,11 +8,12 @@ the same images.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnblocks._errors import InvalidInputError
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks.inspect._maps import check_upsample
 from attnblocks.plot._images import as_batch, to_rgb
 from attnblocks.plot._mpl import check_cmap
@@ -20,89 +21,81 @@ from attnblocks.plot._mpl import check_cmap
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["draw_overlays", "overlay_inputs"]
+__all__ = ["OverlayStyle", "check_titles", "draw_rows", "map_sets", "overlay_batch"]
 
 
-def overlay_inputs(
-    images: object,
-    maps: object,
-    *,
-    max_images: int,
-    cmap: object,
-    upsample: object,
-    name: str,
-    default_label: str,
-    empty_hint: str = "",
-    owner: str,
-) -> tuple[torch.Tensor, int, dict[Any, Any]]:
-    """Check the colour map, the upsampling mode and the images; label the map sets.
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How the maps are drawn over the images, and for whom (``owner``, in messages)."""
 
-    Args:
-        images: the images argument, ``(N, C, H, W)`` or one ``(C, H, W)``.
-        maps: one map tensor, or a mapping ``{label: maps}``.
-        max_images: show at most this many images (already checked).
-        cmap, upsample: checked here.
-        name: the maps argument's name, for the message about an empty mapping.
-        default_label: the row label of a single map tensor.
-        empty_hint: appended to the message about an empty mapping.
-        owner: the public function, for messages.
+    cmap: str
+    alpha: float
+    mean: Sequence[float] | torch.Tensor | None
+    std: Sequence[float] | torch.Tensor | None
+    owner: str
 
-    Returns:
-        ``(images as a batch, the number of images shown, {label: maps})``; the
-        maps themselves are checked by the caller.
-    """
-    check_cmap(cmap, owner=owner)
-    check_upsample(None, upsample, owner=owner)
-    batch = as_batch(images, owner=owner)
-    n = min(batch.shape[0], max_images)
-    sets = dict(maps) if isinstance(maps, Mapping) else {default_label: maps}
+
+def overlay_batch(
+    images: object, max_images: int, upsample: object, style: OverlayStyle
+) -> tuple[torch.Tensor, int]:
+    """Check the colour map and the upsampling mode; return the images as a batch and
+    how many of them are shown (at most ``max_images``, already checked)."""
+    check_cmap(style.cmap, owner=style.owner)
+    check_upsample(None, upsample, owner=style.owner)
+    batch = as_batch(images, owner=style.owner)
+    return batch, min(batch.shape[0], max_images)
+
+
+def map_sets(maps: object, name: str, label: str, *, owner: str, hint: str = "") -> dict[Any, Any]:
+    """``{label: maps}`` for one map tensor, a copy of a mapping; an empty one is refused
+    (``name`` is the argument's name, ``hint`` ends the message)."""
+    sets = dict(maps) if isinstance(maps, Mapping) else {label: maps}
     if not sets:
         raise InvalidInputError(
-            f"{owner}: {name} is an empty mapping; give at least one map set{empty_hint}."
+            f"{owner}: {name} is an empty mapping; give at least one map set{hint}."
         )
-    return batch, n, sets
+    return sets
 
 
-def draw_overlays(
+def check_titles(titles: Sequence[str] | None, n: int, *, owner: str) -> None:
+    """Refuse fewer column titles than images shown."""
+    if titles is not None and len(titles) < n:
+        raise InvalidArgumentError(
+            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
+        )
+
+
+def draw_rows(
     axes: Any,
     batch: torch.Tensor,
-    rows: Sequence[torch.Tensor],
-    limits: Sequence[tuple[float, float]],
-    labels: Sequence[str],
-    *,
+    rows: Sequence[tuple[Any, torch.Tensor, tuple[float, float]]],
     titles: Sequence[str] | None,
-    mean: Sequence[float] | torch.Tensor | None,
-    std: Sequence[float] | torch.Tensor | None,
-    cmap: str,
-    alpha: float,
+    style: OverlayStyle,
+    *,
     label_size: float,
-    owner: str,
 ) -> None:
     """Draw the images in the first row of ``axes`` and each map row over them below.
 
     Args:
         axes: ``1 + len(rows)`` rows of ``n`` axes (``axes[r][j]``).
         batch: the images; the first ``n`` are drawn.
-        rows: per map row, ``(n, H, W)`` maps at image size.
-        limits: per map row, the colour scale ``(vmin, vmax)``.
-        labels: per map row, its label (the first row is labelled ``"input"``).
+        rows: ``(row label, (n, H, W) maps at image size, (vmin, vmax))`` per map
+            row; the first row is labelled ``"input"``.
         titles: one title per image column, or ``None``.
-        mean, std: the normalisation of the images, undone for display.
-        cmap, alpha: the heat maps' colour map and opacity.
+        style: the colour map, opacity and image normalisation.
         label_size: the font size of the row labels.
-        owner: the public function, for messages.
     """
     n = len(axes[0])
     for j in range(n):
-        rgb = to_rgb(batch[j], mean=mean, std=std, owner=owner)
+        rgb = to_rgb(batch[j], mean=style.mean, std=style.std, owner=style.owner)
         gray = "gray" if rgb.ndim == 2 else None
         axes[0][j].imshow(rgb, cmap=gray)
         if titles is not None:
             axes[0][j].set_title(str(titles[j]), fontsize=8)
-        for r, (maps, (lo, hi)) in enumerate(zip(rows, limits, strict=True), start=1):
+        for r, (_, maps, (lo, hi)) in enumerate(rows, start=1):
             axes[r][j].imshow(rgb, cmap=gray)
-            axes[r][j].imshow(maps[j].numpy(), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
-    for r, label in enumerate(["input", *labels]):
+            axes[r][j].imshow(maps[j].numpy(), cmap=style.cmap, alpha=style.alpha, vmin=lo, vmax=hi)
+    for r, label in enumerate(["input", *(row[0] for row in rows)]):
         ax: Axes
         for ax in axes[r]:
             ax.set_xticks([])

@@ -7,17 +7,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._errors import InvalidInputError
 from attnblocks._validation import check_choice, check_positive_int
-from attnblocks.inspect._maps import (
-    UpsampleMode,
-    describe_maps,
-    normalize_maps,
-    upsample_maps,
-)
+from attnblocks.inspect._maps import UpsampleMode, describe_maps, normalize_maps, upsample_maps
 from attnblocks.plot._images import check_figsize, check_fraction, host
 from attnblocks.plot._mpl import new_figure, scalar_mappable
-from attnblocks.plot._overlay import draw_overlays, overlay_inputs
+from attnblocks.plot._overlay import OverlayStyle, check_titles, draw_rows, map_sets, overlay_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -130,21 +125,11 @@ def spatial_map_overlay(
     max_images = check_positive_int(max_images, "max_images", owner=owner)
     check_choice(normalize, "normalize", _SCALES, owner=owner)
     check_choice(reduce, "reduce", _REDUCTIONS, owner=owner)
-    batch, n, sets = overlay_inputs(
-        images,
-        maps,
-        max_images=max_images,
-        cmap=cmap,
-        upsample=upsample,
-        name="maps",
-        default_label="spatial map",
-        empty_hint=" (rec.maps is empty when the model ran no forward pass inside record_maps)",
-        owner=owner,
-    )
-    if titles is not None and len(titles) < n:
-        raise InvalidArgumentError(
-            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
-        )
+    style = OverlayStyle(cmap, alpha, mean, std, owner)
+    batch, n = overlay_batch(images, max_images, upsample, style)
+    empty = " (rec.maps is empty when the model ran no forward pass inside record_maps)"
+    sets = map_sets(maps, "maps", "spatial map", owner=owner, hint=empty)
+    check_titles(titles, n, owner=owner)
     size = (batch.shape[-2], batch.shape[-1])
     rows: dict[str, torch.Tensor] = {}
     labels: dict[str, str] = {}
@@ -164,20 +149,11 @@ def spatial_map_overlay(
     grid = fig.add_gridspec(nrows, n + 1, width_ratios=[1.0] * n + [0.07])
     axes = [[fig.add_subplot(grid[r, j]) for j in range(n)] for r in range(nrows)]
     shared = _limits(list(rows.values()))
-    draw_overlays(
-        axes,
-        batch,
-        list(rows.values()),
-        [_limits([values]) if normalize == "site" else shared for values in rows.values()],
-        list(labels.values()),
-        titles=titles,
-        mean=mean,
-        std=std,
-        cmap=cmap,
-        alpha=alpha,
-        label_size=8,
-        owner=owner,
-    )
+    panels = [
+        (labels[key], values, _limits([values]) if normalize == "site" else shared)
+        for key, values in rows.items()
+    ]
+    draw_rows(axes, batch, panels, titles, style, label_size=8)
     if normalize == "site":
         for r, values in enumerate(rows.values(), start=1):
             lo, hi = _limits([values])
