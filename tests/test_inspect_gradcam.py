@@ -110,7 +110,7 @@ def test_upsample_maps() -> None:
     torch.testing.assert_close(near[0, :2, :2], torch.zeros(2, 2))
     cubic = upsample_maps(maps, (7, 5), mode="bicubic")
     assert cubic.shape == (1, 7, 5) and cubic.min() >= 0 and cubic.max() <= 3
-    with pytest.raises(InvalidArgumentError, match="valid modes"):
+    with pytest.raises(InvalidArgumentError, match="unknown upsample mode 'linear'; valid values"):
         upsample_maps(maps, (4, 4), mode="linear")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="size"):
         upsample_maps(maps, (4, 0))
@@ -136,8 +136,16 @@ def test_errors() -> None:
         grad_cam(net, x, torch.tensor([1]), "0")
     with pytest.raises(InvalidArgumentError, match=r"lie in \[0, 2\]"):
         grad_cam(net, x, [0, 3], "0")
-    with pytest.raises(InvalidArgumentError, match="Did you mean"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"grad_cam: .*'00'.*Closest module names: \['0'"
+    ):
         grad_cam(net, x, [0, 1], "00")
+    with pytest.raises(InvalidArgumentError, match=r"layer 're:\[01\]' matches 2 modules"):
+        grad_cam(net, x, [0, 1], "re:[01]")  # selectors, but exactly one module
+    with pytest.raises(InvalidArgumentError, match="is neither the model nor one of its"):
+        grad_cam(net, x, [0, 1], nn.Conv2d(3, 4, 1))
+    with pytest.raises(InvalidArgumentError, match=r"layer must be a module name .* got int"):
+        grad_cam(net, x, [0, 1], 0)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match=r"\(N, C, \*spatial\)"):
         grad_cam(net, x, [0, 1], "3")
     with pytest.raises(InvalidArgumentError, match="normalize"):

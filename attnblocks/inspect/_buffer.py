@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks.blocks._base import TransientHook
+from attnblocks.blocks._base import AttentionBlock, TransientHook
 
-__all__ = ["ChunkStore", "StoreHook", "StoreRecorder", "check_store_device"]
+__all__ = ["ChunkStore", "SiteRecorder", "StoreHook", "StoreRecorder", "check_store_device"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def check_store_device(device: object, *, owner: str) -> torch.device | None:
@@ -138,14 +144,64 @@ class StoreHook(TransientHook):
 
 
 class StoreRecorder:
-    """What the gate, map and feature recorders share: a :class:`ChunkStore` and its reading.
+    """What the gate, map and feature recorders share: a :class:`ChunkStore`, its hooks
+    and their lifetime.
 
-    Subclasses set ``self._store`` and ``self.active`` and add hooks and a property
-    returning everything captured.
+    Subclasses define :meth:`_prepare` (what a hook stores) and a property returning
+    everything captured; their ``record_*`` function attaches the hooks with
+    :meth:`_attached`.
+
+    Args:
+        names: the site or layer names, in the order results are returned.
+        device: where to store; ``None`` keeps each tensor where it was computed.
+        keep: as for :class:`ChunkStore`.
+        owner: the recorder's class name, for error messages.
+
+    Attributes:
+        active: ``True`` inside the ``with`` block, while hooks are registered.
     """
 
-    _store: ChunkStore
-    active: bool
+    #: Turns a hook's arguments ``(name, module, *rest)`` into the tensor to store.
+    _prepare: Callable[..., torch.Tensor]
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        *,
+        device: torch.device | str | None,
+        keep: bool,
+        owner: str,
+    ) -> None:
+        self._store = ChunkStore(names, device=device, keep=keep, empty=self._empty, owner=owner)
+        self.active = False
+
+    def _empty(self, name: str) -> torch.Tensor:
+        """The tensor returned for ``name`` before anything was captured there."""
+        return torch.empty(0, device=self._store.device)
+
+    def _hook(self, name: str) -> StoreHook:
+        return StoreHook(self._store, name, self._prepare)
+
+    @contextmanager
+    def _attached(
+        self, modules: Sequence[tuple[str, M]], register: Callable[[M, StoreHook], RemovableHandle]
+    ) -> Iterator[None]:
+        """Register one hook per ``(name, module)`` with ``register(module, hook)`` and
+        remove them all on exit, also when the body (or a registration) raises."""
+        handles: list[RemovableHandle] = []
+        try:
+            for name, module in modules:
+                handles.append(register(module, self._hook(name)))
+            self.active = True
+            yield
+        finally:
+            self.active = False
+            for handle in handles:
+                handle.remove()
+
+    def _batches(self) -> dict[str, list[torch.Tensor]]:
+        """``{name: [tensor of call 1, call 2, ...]}``, for tensors of varying shape."""
+        return {name: list(chunks) for name, chunks in self._store.chunks.items()}
 
     def pop(self) -> dict[str, torch.Tensor]:
         """Return what was captured since the previous ``pop`` (or since the start).
@@ -163,3 +219,24 @@ class StoreRecorder:
     def __repr__(self) -> str:
         state = "active" if self.active else "closed"
         return f"{type(self).__name__}({state}, rows={self._store.rows()})"
+
+
+class SiteRecorder(StoreRecorder):
+    """A recorder of attention blocks (sites): the base of the gate and map recorders.
+
+    Args:
+        blocks: ``(qualified name, block)`` pairs, in model order.
+        device: where to store; ``None`` keeps each tensor where it was computed.
+        keep: as for :class:`ChunkStore`.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[tuple[str, AttentionBlock]],
+        *,
+        device: torch.device | str | None,
+        keep: bool,
+    ) -> None:
+        self.sites: tuple[str, ...] = tuple(name for name, _ in blocks)
+        self._channels = {name: int(block.channels) for name, block in blocks}
+        super().__init__(self.sites, device=device, keep=keep, owner=type(self).__name__)

@@ -12,20 +12,10 @@ from torch.utils.hooks import RemovableHandle
 
 from attnblocks._errors import InvalidInputError
 from attnblocks._validation import check_bool
-from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
+from attnblocks.inspect._buffer import StoreHook, StoreRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, resolve_modules
 
 __all__ = ["FeatureRecorder", "record_features"]
-
-
-def _the_output(name: str, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise InvalidInputError(
-            f"record_features: module {name!r} ({type(module).__name__}) returned "
-            f"{type(output).__name__}, not a tensor; record one of its submodules "
-            "that returns a tensor instead."
-        )
-    return output
 
 
 class FeatureRecorder(StoreRecorder):
@@ -40,17 +30,16 @@ class FeatureRecorder(StoreRecorder):
         self, layers: tuple[str, ...], *, device: torch.device | str | None, keep: bool
     ) -> None:
         self.layers = layers
-        self._store = ChunkStore(
-            layers,
-            device=device,
-            keep=keep,
-            empty=lambda name: torch.empty(0, device=self._store.device),
-            owner="FeatureRecorder",
-        )
-        self.active = False
+        super().__init__(layers, device=device, keep=keep, owner="FeatureRecorder")
 
-    def _hook(self, name: str) -> StoreHook:
-        return StoreHook(self._store, name, _the_output)
+    def _prepare(self, name: str, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise InvalidInputError(
+                f"record_features: module {name!r} ({type(module).__name__}) returned "
+                f"{type(output).__name__}, not a tensor; record one of its submodules "
+                "that returns a tensor instead."
+            )
+        return output
 
     @property
     def features(self) -> dict[str, torch.Tensor]:
@@ -60,7 +49,7 @@ class FeatureRecorder(StoreRecorder):
     @property
     def batches(self) -> dict[str, list[torch.Tensor]]:
         """``{layer: [output of call 1, call 2, ...]}``, for outputs of varying shape."""
-        return {name: list(chunks) for name, chunks in self._store.chunks.items()}
+        return self._batches()
 
 
 @contextmanager
@@ -114,14 +103,9 @@ def record_features(
     check_bool(before_hooks, "before_hooks", owner="record_features")
     modules = resolve_modules(model, layers, owner="record_features")
     recorder = FeatureRecorder(tuple(name for name, _ in modules), device=device, keep=keep)
-    handles: list[RemovableHandle] = []
-    try:
-        for name, module in modules:
-            hook = recorder._hook(name)
-            handles.append(module.register_forward_hook(hook, prepend=before_hooks))
-        recorder.active = True
+
+    def register(module: nn.Module, hook: StoreHook) -> RemovableHandle:
+        return module.register_forward_hook(hook, prepend=before_hooks)
+
+    with recorder._attached(modules, register):
         yield recorder
-    finally:
-        recorder.active = False
-        for handle in handles:
-            handle.remove()

@@ -7,21 +7,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from attnblocks._validation import check_bool
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
+from attnblocks.inspect._buffer import SiteRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_gate_sites
 
 __all__ = ["GateRecorder", "record_gates"]
 
 
-def _the_gate(name: str, block: nn.Module, gate: torch.Tensor) -> torch.Tensor:
-    return gate
-
-
-class GateRecorder(StoreRecorder):
+class GateRecorder(SiteRecorder):
     """The gates captured by :func:`record_gates`, one entry per attention block.
 
     Attributes:
@@ -29,26 +24,11 @@ class GateRecorder(StoreRecorder):
         active: ``True`` inside the ``with`` block, while hooks are registered.
     """
 
-    def __init__(
-        self,
-        blocks: list[tuple[str, AttentionBlock]],
-        *,
-        device: torch.device | str | None,
-        keep: bool,
-    ) -> None:
-        self.sites: tuple[str, ...] = tuple(name for name, _ in blocks)
-        channels = {name: int(block.channels) for name, block in blocks}
-        self._store = ChunkStore(
-            self.sites,
-            device=device,
-            keep=keep,
-            empty=lambda name: torch.empty(0, channels[name], device=self._store.device),
-            owner="GateRecorder",
-        )
-        self.active = False
+    def _empty(self, name: str) -> torch.Tensor:
+        return torch.empty(0, self._channels[name], device=self._store.device)
 
-    def _hook(self, name: str) -> StoreHook:
-        return StoreHook(self._store, name, _the_gate)
+    def _prepare(self, name: str, block: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+        return gate
 
     @property
     def gates(self) -> dict[str, torch.Tensor]:
@@ -108,13 +88,5 @@ def record_gates(
     check_bool(keep, "keep", owner="record_gates")
     blocks = find_gate_sites(model, sites, owner="record_gates")
     recorder = GateRecorder(blocks, device=device, keep=keep)
-    handles: list[RemovableHandle] = []
-    try:
-        for name, block in blocks:
-            handles.append(block.register_gate_hook(recorder._hook(name)))
-        recorder.active = True
+    with recorder._attached(blocks, AttentionBlock.register_gate_hook):
         yield recorder
-    finally:
-        recorder.active = False
-        for handle in handles:
-            handle.remove()

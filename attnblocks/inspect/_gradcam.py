@@ -7,7 +7,6 @@ Gradient-based Localization", ICCV 2017, https://arxiv.org/abs/1610.02391
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,41 +14,38 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_bool
+from attnblocks._validation import check_bool, check_choice
 from attnblocks.inspect._maps import (
+    MAP_NORMALIZATIONS,
     MapNormalization,
     UpsampleMode,
     check_upsample,
     normalize_maps,
     upsample_maps,
 )
+from attnblocks.inspect._sites import resolve_modules
 from attnblocks.inspect._state import eval_mode as _eval_mode
+from attnblocks.surgery._selectors import describe_selector
 
 __all__ = ["grad_cam"]
 
 
-def _find_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
-    names = {name: module for name, module in model.named_modules()}
-    if isinstance(layer, nn.Module):
-        for name, module in names.items():
-            if module is layer:
-                return name, module
-        raise InvalidArgumentError(
-            f"grad_cam: the layer {type(layer).__name__} given is not a submodule of the model."
-        )
-    if not isinstance(layer, str):
+def _find_layer(model: nn.Module, layer: object) -> tuple[str, nn.Module]:
+    """The one module ``layer`` names, found with the surgery's selectors."""
+    if not isinstance(layer, (str, nn.Module)):
         raise InvalidArgumentError(
             "grad_cam: layer must be a module name (str) or a submodule of the model, got "
             f"{type(layer).__name__}."
         )
-    if layer not in names:
-        close = difflib.get_close_matches(layer, [n for n in names if n], n=5)
-        hint = f" Did you mean one of {close}?" if close else ""
+    # a name that matches nothing raises a SelectorError that suggests the closest names
+    found = resolve_modules(model, [layer], owner="grad_cam")
+    if len(found) != 1:
         raise InvalidArgumentError(
-            f"grad_cam: the model has no module named {layer!r}.{hint} Names come from "
-            "model.named_modules(), e.g. 'layer4' or 'features.10'."
+            f"grad_cam: layer {describe_selector(layer)} matches {len(found)} modules "
+            f"({[name for name, _ in found[:5]]}); name exactly one, e.g. 'layer4' or "
+            "'features.10' as in model.named_modules()."
         )
-    return layer, names[layer]
+    return found[0]
 
 
 def _check_targets(targets: object, n: int) -> torch.Tensor:
@@ -117,8 +113,11 @@ def grad_cam(
         inputs: a floating ``(N, ...)`` batch.
         targets: ``N`` class indices, one per input (a length mismatch is an error;
             nothing is broadcast or dropped).
-        layer: the module name (as in ``model.named_modules()``) or the module itself;
-            its output must be ``(N, C, *spatial)`` and it must run once per forward.
+        layer: the module name (as in ``model.named_modules()``) or the module itself,
+            resolved by the selectors of :func:`attnblocks.insert_se` (a name that
+            matches nothing is an error suggesting the closest names; a selector must
+            match exactly one module); its output must be ``(N, C, *spatial)`` and it
+            must run once per forward.
             The output is taken as the rest of the model sees it: for a module that
             carries a block inserted by :func:`attnblocks.insert_se`, after the block.
         normalize: ``"none"`` (default) returns the raw maps; ``"image"`` scales each
@@ -168,11 +167,7 @@ def grad_cam(
             f"{owner}: inputs are on the meta device, which holds shapes but no values; "
             "Grad-CAM needs real activations and gradients."
         )
-    if normalize not in ("image", "shared", "none"):
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are "
-            "['image', 'shared', 'none']."
-        )
+    check_choice(normalize, "normalize", MAP_NORMALIZATIONS, owner=owner)
     # everything is checked before the forward and backward passes
     out_size, _ = check_upsample(size, upsample, owner=owner)
     check_bool(eval_mode, "eval_mode", owner=owner)

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import check_choice
 
 __all__ = [
+    "MAP_NORMALIZATIONS",
     "MAX_UPSAMPLED_VALUES",
+    "UPSAMPLE_MODES",
     "MapNormalization",
     "UpsampleMode",
     "check_upsample",
+    "describe_maps",
     "normalize_maps",
     "upsample_maps",
 ]
@@ -30,20 +34,28 @@ MapNormalization = Literal["image", "shared", "none"]
 #: Interpolation used to bring maps to image resolution.
 UpsampleMode = Literal["nearest", "bilinear", "bicubic", "area"]
 
-_NORMALIZATIONS = ("image", "shared", "none")
-_UPSAMPLE = ("nearest", "bilinear", "bicubic", "area")
+#: The values of :data:`MapNormalization` and :data:`UpsampleMode`, for checking them.
+MAP_NORMALIZATIONS = ("image", "shared", "none")
+UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic", "area")
 M = TypeVar("M", torch.Tensor, Mapping[str, torch.Tensor])
+
+
+def describe_maps(maps: object) -> str:
+    """What was received instead of maps, for a message: a tensor's shape and dtype, or a type.
+
+    >>> describe_maps(torch.zeros(2, 3)), describe_maps([1.0])
+    ('shape (2, 3), dtype torch.float32', 'list')
+    """
+    if isinstance(maps, torch.Tensor):
+        return f"shape {tuple(maps.shape)}, dtype {maps.dtype}"
+    return type(maps).__name__
 
 
 def _check_maps(maps: object, *, owner: str, name: str = "maps") -> torch.Tensor:
     if not isinstance(maps, torch.Tensor) or maps.dim() < 2 or not maps.is_floating_point():
-        got = (
-            f"shape {tuple(maps.shape)}, dtype {maps.dtype}"
-            if isinstance(maps, torch.Tensor)
-            else type(maps).__name__
-        )
         raise InvalidInputError(
-            f"{owner}: {name} must be a floating tensor of shape (N, *spatial), got {got}."
+            f"{owner}: {name} must be a floating tensor of shape (N, *spatial), got "
+            f"{describe_maps(maps)}."
         )
     return maps
 
@@ -81,10 +93,7 @@ def normalize_maps(
         [0.0, 0.25, 0.0, 1.0]
     """
     owner = "normalize_maps"
-    if mode not in _NORMALIZATIONS:
-        raise InvalidArgumentError(
-            f"{owner}: unknown mode {mode!r}; valid modes are {list(_NORMALIZATIONS)}."
-        )
+    check_choice(mode, "mode", MAP_NORMALIZATIONS, owner=owner)
     if isinstance(maps, Mapping):
         checked = {k: _check_maps(v, owner=owner, name=f"maps[{k!r}]") for k, v in maps.items()}
         if mode == "shared" and any(v.numel() for v in checked.values()):
@@ -115,10 +124,7 @@ def check_upsample(size: object, mode: object, *, owner: str) -> tuple[tuple[int
     >>> check_upsample([32, 32], "bilinear", owner="demo")
     ((32, 32), 'bilinear')
     """
-    if mode not in _UPSAMPLE:
-        raise InvalidArgumentError(
-            f"{owner}: unknown upsample mode {mode!r}; valid modes are {list(_UPSAMPLE)}."
-        )
+    check_choice(mode, "upsample mode", UPSAMPLE_MODES, owner=owner)
     if size is None:
         return None, str(mode)
     if (

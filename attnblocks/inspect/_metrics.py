@@ -61,6 +61,30 @@ def check_num_classes(num_classes: object, *, owner: str) -> int | None:
     return value
 
 
+def as_tensor_or_none(values: object, *, arrays_only: bool) -> torch.Tensor | None:
+    """``values`` as a tensor (a tensor is returned as it is), or ``None`` if it is none.
+
+    With ``arrays_only`` only lists, tuples and array-likes (``__array__``) are
+    converted; otherwise anything :func:`torch.as_tensor` takes except ``None``,
+    ``str`` and ``bytes``. An empty sequence converts to float32; it is returned as
+    int64, since it is empty, not fractional.
+
+    >>> as_tensor_or_none([], arrays_only=True).dtype, as_tensor_or_none("01", arrays_only=False)
+    (torch.int64, None)
+    """
+    if isinstance(values, torch.Tensor):
+        return values
+    if values is None or isinstance(values, (str, bytes)):
+        return None
+    if arrays_only and not (isinstance(values, (list, tuple)) or hasattr(values, "__array__")):
+        return None
+    try:
+        converted = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return converted.long() if converted.numel() == 0 else converted
+
+
 def check_labels(
     labels: object, rows: int, *, owner: str, num_classes: int | None = None
 ) -> torch.Tensor:
@@ -69,19 +93,13 @@ def check_labels(
     Lists, tuples and numpy arrays of ints are converted. The indices must be ``>= 0``
     and below ``num_classes`` when it is given, else below :data:`MAX_INFERRED_CLASSES`.
     """
-    if not isinstance(labels, torch.Tensor):
-        converted = None
-        if isinstance(labels, (list, tuple)) or hasattr(labels, "__array__"):
-            try:
-                converted = torch.as_tensor(labels)
-            except (TypeError, ValueError, RuntimeError):
-                converted = None
-        if converted is None:
-            raise InvalidInputError(
-                f"{owner}: labels must be class indices: a 1-D integer torch.Tensor, numpy "
-                f"array or list of ints, got {type(labels).__name__} {labels!r:.60}."
-            )
-        labels = converted.long() if converted.numel() == 0 else converted
+    converted = as_tensor_or_none(labels, arrays_only=True)
+    if converted is None:
+        raise InvalidInputError(
+            f"{owner}: labels must be class indices: a 1-D integer torch.Tensor, numpy "
+            f"array or list of ints, got {type(labels).__name__} {labels!r:.60}."
+        )
+    labels = converted
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise InvalidInputError(
             f"{owner}: labels must be a 1-D tensor of integer class indices, got shape "

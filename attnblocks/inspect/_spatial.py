@@ -8,12 +8,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_bool
+from attnblocks._validation import check_bool, check_choice
 from attnblocks.blocks import AttentionBlock
-from attnblocks.inspect._buffer import ChunkStore, StoreHook, StoreRecorder, check_store_device
+from attnblocks.inspect._buffer import SiteRecorder, check_store_device
 from attnblocks.inspect._sites import Selectors, find_map_sites
 
 __all__ = ["MapRecorder", "MapReduction", "record_maps"]
@@ -26,7 +24,7 @@ MapReduction = Literal["mean", "max"] | None
 _REDUCTIONS = (None, "mean", "max")
 
 
-class MapRecorder(StoreRecorder):
+class MapRecorder(SiteRecorder):
     """The spatial maps captured by :func:`record_maps`, one entry per attention block.
 
     Attributes:
@@ -42,19 +40,8 @@ class MapRecorder(StoreRecorder):
         keep: bool,
         reduce: MapReduction,
     ) -> None:
-        self.sites: tuple[str, ...] = tuple(name for name, _ in blocks)
         self._reduce = reduce
-        self._store = ChunkStore(
-            self.sites,
-            device=device,
-            keep=keep,
-            empty=lambda name: torch.empty(0, device=self._store.device),
-            owner="MapRecorder",
-        )
-        self.active = False
-
-    def _hook(self, name: str) -> StoreHook:
-        return StoreHook(self._store, name, self._prepare)
+        super().__init__(blocks, device=device, keep=keep)
 
     def _prepare(self, name: str, block: nn.Module, attention_map: torch.Tensor) -> torch.Tensor:
         if self._reduce == "mean":
@@ -75,7 +62,7 @@ class MapRecorder(StoreRecorder):
     @property
     def batches(self) -> dict[str, list[torch.Tensor]]:
         """``{site: [maps of call 1, call 2, ...]}``, for inputs of varying size."""
-        return {name: list(chunks) for name, chunks in self._store.chunks.items()}
+        return self._batches()
 
 
 @contextmanager
@@ -134,21 +121,10 @@ def record_maps(
         >>> tuple(rec.maps["2"].shape)
         (4, 1, 14, 14)
     """
-    if reduce not in _REDUCTIONS:
-        raise InvalidArgumentError(
-            f"record_maps: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
-        )
+    check_choice(reduce, "reduce", _REDUCTIONS, owner="record_maps")
     device = check_store_device(device, owner="record_maps")
     check_bool(keep, "keep", owner="record_maps")
     blocks = find_map_sites(model, sites, owner="record_maps")
     recorder = MapRecorder(blocks, device=device, keep=keep, reduce=reduce)
-    handles: list[RemovableHandle] = []
-    try:
-        for name, block in blocks:
-            handles.append(block.register_map_hook(recorder._hook(name)))
-        recorder.active = True
+    with recorder._attached(blocks, AttentionBlock.register_map_hook):
         yield recorder
-    finally:
-        recorder.active = False
-        for handle in handles:
-            handle.remove()

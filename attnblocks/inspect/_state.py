@@ -2,7 +2,8 @@
 
 Interpretability tools often call ``model.eval()`` and never undo it, so a model
 that was training silently stops updating its batch-norm statistics. Here the
-``training`` flag of every submodule is saved and restored one by one, which also
+``training`` flag of every submodule is saved and restored one by one (by
+:func:`attnblocks._modes.evaluating`, which the surgery's probe uses too), which also
 keeps mixed states (a frozen, eval-mode backbone inside a training model) intact.
 """
 
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
+from attnblocks._modes import evaluating
 from attnblocks._validation import check_bool
 
 __all__ = ["eval_mode"]
@@ -47,10 +49,5 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     if not enabled:
         yield model
         return
-    saved = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
+    with evaluating(model):
         yield model
-    finally:
-        for module, flag in saved:
-            module.training = flag

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
+from attnblocks.inspect._metrics import as_tensor_or_none
 from attnblocks.plot._images import check_figsize
 from attnblocks.plot._mpl import check_cmap, new_figure
 
@@ -31,22 +32,12 @@ MAX_CLASSES = 4096
 
 
 def _labels(values: object, name: str, owner: str) -> torch.Tensor:
-    t = values if isinstance(values, torch.Tensor) else None
+    t = as_tensor_or_none(values, arrays_only=False)
     if t is None:
-        if isinstance(values, (str, bytes)) or values is None:
-            t = None
-        else:
-            try:
-                t = torch.as_tensor(values)
-            except (TypeError, ValueError, RuntimeError):
-                t = None
-        if t is None:
-            raise InvalidInputError(
-                f"{owner}: {name} must be a 1-D sequence or tensor of class indices, got "
-                f"{type(values).__name__}."
-            )
-        if t.numel() == 0:  # an empty list converts to float32: it is empty, not float
-            t = t.long()
+        raise InvalidInputError(
+            f"{owner}: {name} must be a 1-D sequence or tensor of class indices, got "
+            f"{type(values).__name__}."
+        )
     if t.is_meta:
         raise InvalidInputError(
             f"{owner}: {name} is on the meta device, which holds shapes but no values."
@@ -97,10 +88,7 @@ def confusion_matrix(
         'Confusion matrix, accuracy 75.0% (n=4)'
     """
     owner = "confusion_matrix"
-    if normalize not in _NORMALIZE:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_NORMALIZE)}."
-        )
+    check_choice(normalize, "normalize", tuple(_NORMALIZE), owner=owner)
     check_cmap(cmap, owner=owner)
     t = _labels(targets, "targets", owner)
     p = _labels(predictions, "predictions", owner)

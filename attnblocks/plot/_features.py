@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from attnblocks._errors import ChannelMismatchError, InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
+from attnblocks.inspect import normalize_maps, upsample_maps
 from attnblocks.inspect._maps import (
+    MAP_NORMALIZATIONS,
     MapNormalization,
     UpsampleMode,
     check_upsample,
-    normalize_maps,
-    upsample_maps,
 )
 from attnblocks.plot._images import check_figsize, check_fraction, host, to_rgb
 from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
@@ -101,10 +101,7 @@ def feature_map_grid(
     owner = "feature_map_grid"
     k = check_positive_int(channels, "channels", owner=owner)
     check_cmap(cmap, owner=owner)
-    if order not in ("activation", "first"):
-        raise InvalidArgumentError(
-            f"{owner}: unknown order {order!r}; valid values are ['activation', 'first']."
-        )
+    check_choice(order, "order", ("activation", "first"), owner=owner)
     if not isinstance(features, Mapping) or not features:
         raise InvalidInputError(
             f"{owner}: features must be a non-empty mapping {{layer name: feature map}}, "
@@ -208,15 +205,8 @@ def channel_heatmaps(
     check_upsample(None, upsample, owner=owner)
     ncols = check_positive_int(ncols, "ncols", owner=owner)
     alpha = check_fraction(alpha, "alpha", owner=owner)
-    if rank_by not in ("activation", "gate"):
-        raise InvalidArgumentError(
-            f"{owner}: unknown rank_by {rank_by!r}; valid values are ['activation', 'gate']."
-        )
-    if normalize not in ("image", "shared", "none"):
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are "
-            "['image', 'shared', 'none']."
-        )
+    check_choice(rank_by, "rank_by", ("activation", "gate"), owner=owner)
+    check_choice(normalize, "normalize", MAP_NORMALIZATIONS, owner=owner)
     rgb = to_rgb(image, mean=mean, std=std, owner=owner)
     fmap = _one_map(feature, index, owner=owner, name="feature")
     c = fmap.shape[0]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_choice, check_positive_int
 from attnblocks.inspect._stats import GateStats, SiteStats
 from attnblocks.plot._images import check_figsize, host
 from attnblocks.plot._mpl import check_cmap, new_figure, require_matplotlib
@@ -50,6 +50,15 @@ def _pick_sites(stats: GateStats, sites: Sequence[str] | None, owner: str) -> li
     return list(sites)
 
 
+def _site_args(
+    stats: object, sites: Sequence[str] | None, ncols: object, owner: str
+) -> tuple[GateStats, list[str], int]:
+    """The checked ``stats``, the names of the sites to draw and ``ncols``."""
+    checked = _check_stats(stats, owner)
+    names = _pick_sites(checked, sites, owner)
+    return checked, names, check_positive_int(ncols, "ncols", owner=owner)
+
+
 def _class_names(
     classes: Sequence[int], class_names: Sequence[str] | None, owner: str
 ) -> list[str]:
@@ -63,13 +72,34 @@ def _class_names(
     return [str(class_names[c]) for c in classes]
 
 
-def _grid(fig: Figure, panels: int, ncols: int) -> list[Axes]:
+def _site_figure(
+    stats: GateStats, names: list[str], ncols: int, figsize: tuple[float, float] | None, owner: str
+) -> tuple[Figure, list[tuple[Axes, str, SiteStats, Any]]]:
+    """A figure with one panel per site, ``ncols`` per row, sharing the gate axis.
+
+    Returns the figure and, per site, ``(axes, name, statistics, channel indices)``.
+    """
+    panels = len(names)
     cols = min(ncols, panels)
     rows = math.ceil(panels / cols)
+    fig = new_figure(check_figsize(figsize, (4.0 * cols + 0.4, 2.7 * rows + 1.0), owner=owner))
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     for ax in axes[panels:]:
         ax.set_axis_off()
-    return list(axes[:panels])
+    sites = [stats[name] for name in names]
+    return fig, [
+        (ax, name, site, torch.arange(site.channels).numpy())
+        for ax, name, site in zip(axes, names, sites, strict=False)
+    ]
+
+
+def _channel_axes(ax: Axes, site: SiteStats, ylabel: str) -> None:
+    """Label and limit a panel whose x axis is the site's channel index."""
+    ax.set_xlabel("channel index", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_xlim(0, max(site.channels - 1, 1))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _check_class(stats: GateStats, site: SiteStats, class_index: int, owner: str) -> None:
@@ -124,31 +154,21 @@ def gate_profiles(
         'layer1.se (C=16)'
     """
     owner = "gate_profiles"
-    stats = _check_stats(stats, owner)
-    names = _pick_sites(stats, sites, owner)
-    ncols = check_positive_int(ncols, "ncols", owner=owner)
+    stats, names, ncols = _site_args(stats, sites, ncols, owner)
     k = stats.num_classes
     chosen = list(range(min(k, 4))) if classes is None else list(classes)
     for c in chosen:
         _check_class(stats, stats[names[0]], c, owner)
     labels = _class_names(chosen, class_names, owner)
-    cols = min(ncols, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = new_figure(check_figsize(figsize, (4.0 * cols + 0.4, 2.7 * rows + 1.0), owner=owner))
+    fig, panels = _site_figure(stats, names, ncols, figsize, owner)
     colors = require_matplotlib().colormaps["tab10"].colors
-    for ax, name in zip(_grid(fig, len(names), ncols), names, strict=False):
-        site = stats[name]
-        x = torch.arange(site.channels).numpy()
+    for ax, name, site, x in panels:
         class_mean = site.class_mean
         for i, (c, label) in enumerate(zip(chosen, labels, strict=True)):
             ax.plot(x, class_mean[c].numpy(), color=colors[i % 10], lw=1.0, label=label)
         ax.plot(x, site.mean.numpy(), color="black", lw=1.6, ls="--", label="all classes")
         ax.set_title(f"{name} (C={site.channels})", fontsize=9)
-        ax.set_xlabel("channel index", fontsize=8)
-        ax.set_ylabel("mean gate", fontsize=8)
-        ax.set_xlim(0, max(site.channels - 1, 1))
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _channel_axes(ax, site, "mean gate")
         handles, legend_labels = ax.get_legend_handles_labels()
     fig.legend(
         handles, legend_labels, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8
@@ -196,18 +216,12 @@ def gate_class_profile(
         'SE gates for class dog: mean +/- std'
     """
     owner = "gate_class_profile"
-    stats = _check_stats(stats, owner)
-    names = _pick_sites(stats, sites, owner)
-    ncols = check_positive_int(ncols, "ncols", owner=owner)
+    stats, names, ncols = _site_args(stats, sites, ncols, owner)
     _check_class(stats, stats[names[0]], class_index, owner)
     label = class_name if class_name is not None else f"class {class_index}"
-    cols = min(ncols, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = new_figure(check_figsize(figsize, (4.0 * cols + 0.4, 2.7 * rows + 1.0), owner=owner))
+    fig, panels = _site_figure(stats, names, ncols, figsize, owner)
     color = require_matplotlib().colormaps["tab10"].colors[0]
-    for ax, name in zip(_grid(fig, len(names), ncols), names, strict=False):
-        site = stats[name]
-        x = torch.arange(site.channels).numpy()
+    for ax, name, site, x in panels:
         mean = site.class_mean[class_index]
         std = site.class_std()[class_index].nan_to_num(0.0)
         ax.fill_between(
@@ -225,11 +239,7 @@ def gate_class_profile(
         ax.set_title(
             f"{name} (C={site.channels}, n={int(site.class_count[class_index])})", fontsize=9
         )
-        ax.set_xlabel("channel index", fontsize=8)
-        ax.set_ylabel("gate", fontsize=8)
-        ax.set_xlim(0, max(site.channels - 1, 1))
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _channel_axes(ax, site, "gate")
         handles, legend_labels = ax.get_legend_handles_labels()
     fig.legend(handles, legend_labels, loc="outside lower center", ncols=len(handles), fontsize=8)
     fig.suptitle(
@@ -326,10 +336,7 @@ def gate_heatmap(
     """
     owner = "gate_heatmap"
     check_cmap(cmap, owner=owner)
-    if value not in _VALUES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown value {value!r}; valid values are {list(_VALUES)}."
-        )
+    check_choice(value, "value", _VALUES, owner=owner)
     vectors = _site_vectors(values, value, class_index, owner)
     if sites is not None:
         missing = [s for s in sites if s not in vectors]

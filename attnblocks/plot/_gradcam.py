@@ -7,17 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
-from attnblocks.inspect._maps import (
-    MapNormalization,
-    UpsampleMode,
-    check_upsample,
-    normalize_maps,
-    upsample_maps,
-)
-from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
-from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
+from attnblocks._errors import InvalidInputError
+from attnblocks._validation import check_choice, check_positive_int
+from attnblocks.inspect._maps import MapNormalization, UpsampleMode, normalize_maps, upsample_maps
+from attnblocks.plot._images import check_figsize, check_fraction, host
+from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.plot._overlay import OverlayStyle, check_titles, draw_rows, map_sets, overlay_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -92,17 +87,10 @@ def gradcam_overlay(
     owner = "gradcam_overlay"
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
-    if normalize not in _SCALE_LABEL:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALE_LABEL)}."
-        )
-    check_cmap(cmap, owner=owner)
-    check_upsample(None, upsample, owner=owner)
-    batch = as_batch(images, owner=owner)
-    n = min(batch.shape[0], max_images)
-    sets = dict(cams) if isinstance(cams, Mapping) else {"Grad-CAM": cams}
-    if not sets:
-        raise InvalidInputError(f"{owner}: cams is an empty mapping; give at least one map set.")
+    check_choice(normalize, "normalize", tuple(_SCALE_LABEL), owner=owner)
+    style = OverlayStyle(cmap, alpha, mean, std, owner)
+    batch, n = overlay_batch(images, max_images, upsample, style)
+    sets = map_sets(cams, "cams", "Grad-CAM", owner=owner)
     size = (batch.shape[-2], batch.shape[-1])
     resized = {}
     for label, maps in sets.items():
@@ -124,29 +112,12 @@ def gradcam_overlay(
         vmax = max(float(m.max()) for m in scaled.values())
     else:
         vmin, vmax = 0.0, 1.0
-    if titles is not None and len(titles) < n:
-        raise InvalidArgumentError(
-            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
-        )
+    check_titles(titles, n, owner=owner)
     rows = 1 + len(scaled)
     fig = new_figure(check_figsize(figsize, (1.9 * n + 1.6, 1.9 * rows + 0.4), owner=owner))
     axes = fig.subplots(rows, n, squeeze=False)
-    for j in range(n):
-        rgb = to_rgb(batch[j], mean=mean, std=std, owner=owner)
-        gray = "gray" if rgb.ndim == 2 else None
-        axes[0, j].imshow(rgb, cmap=gray)
-        if titles is not None:
-            axes[0, j].set_title(str(titles[j]), fontsize=8)
-        for r, maps in enumerate(scaled.values(), start=1):
-            axes[r, j].imshow(rgb, cmap=gray)
-            axes[r, j].imshow(maps[j].numpy(), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
-    for r, label in enumerate(["input", *scaled], start=0):
-        for j in range(n):
-            axes[r, j].set_xticks([])
-            axes[r, j].set_yticks([])
-            for spine in axes[r, j].spines.values():
-                spine.set_visible(False)
-        axes[r, 0].set_ylabel(label, fontsize=9)
+    panels = [(label, m, (vmin, vmax)) for label, m in scaled.items()]
+    draw_rows(axes, batch, panels, titles, style, label_size=9)
     bar = fig.colorbar(
         scalar_mappable(cmap, vmin, vmax), ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.02
     )

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
-from attnblocks.inspect._maps import UpsampleMode, check_upsample, normalize_maps, upsample_maps
-from attnblocks.plot._images import as_batch, check_figsize, check_fraction, host, to_rgb
-from attnblocks.plot._mpl import check_cmap, new_figure, scalar_mappable
+from attnblocks._errors import InvalidInputError
+from attnblocks._validation import check_choice, check_positive_int
+from attnblocks.inspect._maps import UpsampleMode, describe_maps, normalize_maps, upsample_maps
+from attnblocks.plot._images import check_figsize, check_fraction, host
+from attnblocks.plot._mpl import new_figure, scalar_mappable
+from attnblocks.plot._overlay import OverlayStyle, check_titles, draw_rows, map_sets, overlay_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,16 +35,11 @@ def _as_maps(maps: object, n: int, *, owner: str, label: str) -> torch.Tensor:
         or maps.shape[0] != n
         or not maps.is_floating_point()
     ):
-        got = (
-            f"shape {tuple(maps.shape)}, dtype {maps.dtype}"
-            if isinstance(maps, torch.Tensor)
-            else type(maps).__name__
-        )
         raise InvalidInputError(
             f"{owner}: maps[{label!r}] must be a floating tensor (N, 1, h, w), (N, C, h, w) "
             f"or (N, h, w) with N = {n} (one map per image, e.g. rec.maps from "
-            f"attnblocks.inspect.record_maps); got {got}. Only 2D maps can be drawn over "
-            "images."
+            f"attnblocks.inspect.record_maps); got {describe_maps(maps)}. Only 2D maps can "
+            "be drawn over images."
         )
     if 0 in maps.shape[-2:]:
         raise InvalidInputError(
@@ -127,28 +123,13 @@ def spatial_map_overlay(
     owner = "spatial_map_overlay"
     alpha = check_fraction(alpha, "alpha", owner=owner)
     max_images = check_positive_int(max_images, "max_images", owner=owner)
-    if normalize not in _SCALES:
-        raise InvalidArgumentError(
-            f"{owner}: unknown normalize {normalize!r}; valid values are {list(_SCALES)}."
-        )
-    if reduce not in _REDUCTIONS:
-        raise InvalidArgumentError(
-            f"{owner}: unknown reduce {reduce!r}; valid values are {list(_REDUCTIONS)}."
-        )
-    check_cmap(cmap, owner=owner)
-    check_upsample(None, upsample, owner=owner)
-    batch = as_batch(images, owner=owner)
-    n = min(batch.shape[0], max_images)
-    sets = dict(maps) if isinstance(maps, Mapping) else {"spatial map": maps}
-    if not sets:
-        raise InvalidInputError(
-            f"{owner}: maps is an empty mapping; give at least one map set (rec.maps is "
-            "empty when the model ran no forward pass inside record_maps)."
-        )
-    if titles is not None and len(titles) < n:
-        raise InvalidArgumentError(
-            f"{owner}: got {len(titles)} titles for {n} images; give one title per image."
-        )
+    check_choice(normalize, "normalize", _SCALES, owner=owner)
+    check_choice(reduce, "reduce", _REDUCTIONS, owner=owner)
+    style = OverlayStyle(cmap, alpha, mean, std, owner)
+    batch, n = overlay_batch(images, max_images, upsample, style)
+    empty = " (rec.maps is empty when the model ran no forward pass inside record_maps)"
+    sets = map_sets(maps, "maps", "spatial map", owner=owner, hint=empty)
+    check_titles(titles, n, owner=owner)
     size = (batch.shape[-2], batch.shape[-1])
     rows: dict[str, torch.Tensor] = {}
     labels: dict[str, str] = {}
@@ -168,23 +149,11 @@ def spatial_map_overlay(
     grid = fig.add_gridspec(nrows, n + 1, width_ratios=[1.0] * n + [0.07])
     axes = [[fig.add_subplot(grid[r, j]) for j in range(n)] for r in range(nrows)]
     shared = _limits(list(rows.values()))
-    for j in range(n):
-        rgb = to_rgb(batch[j], mean=mean, std=std, owner=owner)
-        gray = "gray" if rgb.ndim == 2 else None
-        axes[0][j].imshow(rgb, cmap=gray)
-        if titles is not None:
-            axes[0][j].set_title(str(titles[j]), fontsize=8)
-        for r, values in enumerate(rows.values(), start=1):
-            lo, hi = _limits([values]) if normalize == "site" else shared
-            axes[r][j].imshow(rgb, cmap=gray)
-            axes[r][j].imshow(values[j].numpy(), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
-    for r, label in enumerate(["input", *labels.values()]):
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        axes[r][0].set_ylabel(label, fontsize=8)
+    panels = [
+        (labels[key], values, _limits([values]) if normalize == "site" else shared)
+        for key, values in rows.items()
+    ]
+    draw_rows(axes, batch, panels, titles, style, label_size=8)
     if normalize == "site":
         for r, values in enumerate(rows.values(), start=1):
             lo, hi = _limits([values])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, SurgeryError
+from attnblocks._modes import evaluating
 
 __all__ = ["ExampleInput", "OutputRecord", "ProbeResult", "describe_example_input", "run_probe"]
 
@@ -159,15 +160,13 @@ def run_probe(
             f"or a dict of keyword arguments, got {type(example_input).__name__}."
         )
     result = ProbeResult(records=[OutputRecord() for _ in modules])
-    flags = [(module, module.training) for module in model.modules()]
     handles = []
     running: list[int] = []  # indices of the recorded modules running now
     try:
         for index, (module, record) in enumerate(zip(modules, result.records, strict=True)):
             handles.append(module.register_forward_pre_hook(_Enter(index, record, running)))
             handles.append(module.register_forward_hook(_Recorder(record, running)))
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             if count_macs:
                 from torch.utils.flop_counter import FlopCounterMode  # slow import: lazy
 
@@ -190,6 +189,4 @@ def run_probe(
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in flags:
-            module.training = training
     return result
