@@ -4,7 +4,7 @@ gate scaling, the fused path, gate and map hooks."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -13,7 +13,12 @@ from torch.utils.hooks import RemovableHandle
 
 from attnblocks._validation import check_positive_int
 from attnblocks.blocks._fused_gate import try_fused
-from attnblocks.blocks._identity import require_bias
+from attnblocks.blocks._identity import (
+    identity_gate_scale,
+    require_bias,
+    zero_layer_,
+    zero_output_mlp_,
+)
 from attnblocks.blocks._ops import check_block_input, per_channel, scale_gate
 from attnblocks.blocks._options import check_init
 
@@ -90,7 +95,8 @@ class AttentionBlock(nn.Module):
     :meth:`_fused_forward` first (see :mod:`attnblocks.blocks._fused_gate`).
     """
 
-    #: Whether ``init="identity"`` makes the block an exact identity map.
+    #: Whether ``init="identity"`` makes the block an exact identity map (for a
+    #: subclass that does not set it: whether :attr:`init_modes` has ``"identity"``).
     supports_identity_init: ClassVar[bool] = False
     #: For a block without identity init, one sentence saying why (quoted in errors).
     identity_init_unavailable: ClassVar[str] = ""
@@ -115,6 +121,11 @@ class AttentionBlock(nn.Module):
 
     channels: int
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "supports_identity_init" not in vars(cls):
+            cls.supports_identity_init = "identity" in cls.init_modes
+
     def __init__(self, channels: int | None = None) -> None:
         super().__init__()
         self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
@@ -131,6 +142,31 @@ class AttentionBlock(nn.Module):
         if mode == "identity":
             require_bias(bias, owner=owner)
         return mode
+
+    def _init_gates(
+        self,
+        *,
+        mlp: tuple[nn.Linear, nn.Module, nn.Linear] | None = None,
+        zero: Sequence[nn.Module] = (),
+        terms: int = 1,
+    ) -> None:
+        """Set :attr:`gate_scale` for ``self.init`` after the layers got PyTorch's initialisation.
+
+        With ``init="identity"`` every pre-gate becomes exactly 0 (``mlp``, an excitation
+        MLP ``(fc1, act, fc2)``, by :func:`~attnblocks.blocks._identity.zero_output_mlp_`;
+        the ``zero`` layers by zeroing them) and the gates, of which ``terms`` are added
+        together, are scaled by ``1 / (terms * gate(0))``; otherwise the scale is 1.
+        """
+        self.gate_scale = 1.0
+        if self.init != "identity":
+            return
+        owner = type(self).__name__
+        if mlp is not None:
+            zero_output_mlp_(*mlp, owner=owner)
+        for layer in zero:
+            zero_layer_(layer)
+        like = (mlp[0] if mlp is not None else zero[0]).weight
+        self.gate_scale = identity_gate_scale(self.gate, like, owner=owner, terms=terms)  # type: ignore[arg-type]
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Check that ``x`` is a floating ``(N, C, *spatial)`` tensor the block accepts."""

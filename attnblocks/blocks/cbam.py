@@ -15,7 +15,6 @@ from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_bool, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate
-from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
@@ -103,7 +102,6 @@ class CBAMBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
     init_modes = ("default", "identity")
     has_spatial_map = True
     spatial_dims: tuple[int, ...] = (2,)
@@ -146,20 +144,13 @@ class CBAMBlock(AttentionBlock):
         k = self.spatial_kernel_size
         self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
-        self.spatial_conv.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            owner = type(self).__name__
-            zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-            zero_layer_(self.spatial_conv)
-            self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
+        for layer in (self.fc1, self.fc2, self.spatial_conv):
+            layer.reset_parameters()
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2), zero=(self.spatial_conv,))
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(z)))

@@ -95,7 +95,6 @@ class CoordAttentionBlock(AttentionBlock):
         [torch.Size([2, 256, 14, 1]), torch.Size([2, 256, 1, 10])]
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
     has_spatial_map = True

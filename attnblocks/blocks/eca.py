@@ -18,7 +18,6 @@ from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_bool, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate, fused_gate_values
-from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
 from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
@@ -129,7 +128,6 @@ class ECABlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
     init_modes = ("default", "identity")
     #: Whether ``forward`` may use the fused channel-gating node when there is a
     #: backward pass (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
@@ -167,18 +165,12 @@ class ECABlock(AttentionBlock):
             1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=bias
         )
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
         self.conv.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            zero_layer_(self.conv)
-            self.gate_scale = identity_gate_scale(
-                self.gate, self.conv.weight, owner=type(self).__name__
-            )
+        self._init_gates(zero=(self.conv,))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate :math:`s` of shape :math:`(N, C)` the block would apply to ``x``."""

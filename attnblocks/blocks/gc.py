@@ -110,7 +110,6 @@ class GlobalContextBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     init_modes = ("default", "zero_last")
     has_channel_gate = False

@@ -128,7 +128,6 @@ class GatherExciteBlock(AttentionBlock):
         torch.Size([2, 64, 16, 16])
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     #: The numbers of spatial dimensions the block accepts (set per instance).
     spatial_dims: tuple[int, ...] = (1, 2, 3)

@@ -15,7 +15,6 @@ from torch import nn
 from attnblocks._validation import check_bool, check_choice
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate
-from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     channel_projection,
@@ -100,7 +99,6 @@ class SCSEBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
     init_modes = ("default", "identity")
     has_spatial_map = True
     #: Whether ``forward`` may run cSE as the fused channel-gating node when there is a
@@ -135,23 +133,14 @@ class SCSEBlock(AttentionBlock):
         #: serves every spatial rank.
         self.spatial_proj = nn.Linear(self.channels, 1, bias=bias)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
-        self.spatial_proj.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            owner = type(self).__name__
-            zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-            zero_layer_(self.spatial_proj)
-            terms = 2 if self.combine == "add" else 1
-            self.gate_scale = identity_gate_scale(
-                self.gate, self.fc1.weight, owner=owner, terms=terms
-            )
+        for layer in (self.fc1, self.fc2, self.spatial_proj):
+            layer.reset_parameters()
+        terms = 2 if self.combine == "add" else 1  # "add" sums the two gates
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2), zero=(self.spatial_proj,), terms=terms)
 
     def _channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         pooled = to_dtype(global_avg_pool(x), self.fc1.weight.dtype)

@@ -14,7 +14,6 @@ from torch import nn
 from attnblocks._validation import check_bool
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate
-from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import global_avg_pool_for, to_dtype
 from attnblocks.blocks._options import hidden_width
@@ -117,7 +116,6 @@ class SEBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
     init_modes = ("default", "identity")
 
     #: Whether ``forward`` may use the fused implementation
@@ -155,22 +153,14 @@ class SEBlock(AttentionBlock):
         self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
-        if init == "identity":  # the Linear layers already hold PyTorch's default init
-            self._identity_init()
+        # The Linear layers already hold PyTorch's default initialisation.
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2))
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            self._identity_init()
-
-    def _identity_init(self) -> None:
-        owner = type(self).__name__
-        zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-        self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate :math:`s` (eq. 3) the block would apply to ``x``.

@@ -81,7 +81,6 @@ class SimAMBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
     has_spatial_map = True
