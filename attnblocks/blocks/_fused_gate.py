@@ -6,8 +6,8 @@ and for CBAM also the maximum), a small gate function ``g`` of the ``(N, C)`` ve
 (an MLP, a 1-D convolution, a bare sigmoid), and a channel-wise scaling.
 :class:`ChannelGateFunction` computes it as one autograd node whose backward makes
 fewer passes over the map than PyTorch's default graph; the passes it saves, and
-why they matter, are counted in ``benchmarks/README.md`` ("What the fused blocks
-do differently").
+why they matter, are counted in ``benchmarks/README.md`` ("What the fused SEBlock
+(and its relatives) does differently").
 
 The gate function is differentiated by ordinary autograd on the tiny tensors: the
 forward records ``g`` on detached copies of the pools (and on the parameters), and
