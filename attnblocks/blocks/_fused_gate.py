@@ -197,10 +197,8 @@ def try_fused(
     The returned gate is detached (for the block's gate hooks).
     """
     grad_mode = torch.is_grad_enabled()
-    if not (grad_mode or inference) or not _may_bypass_modules(block):
-        return None
-    gate = block._pooled_gate(x)
-    if gate is None or not all(_is_stateless(m) for m in gate.modules):
+    gate = _bypassing_gate(block, x) if grad_mode or inference else None
+    if gate is None:
         return None
     needs_grad = grad_mode and (
         x.requires_grad or any(p is not None and p.requires_grad for p in gate.params)
@@ -223,12 +221,18 @@ def fused_gate_values(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor | 
     (ECA): ``None`` when the modules compute it (the same rules as :func:`try_fused`).
     Differentiable (plain autograd, no fused node).
     """
+    gate = _bypassing_gate(block, x)
+    return None if gate is None else gate.fn(*_pool(x, gate), *gate.params)
+
+
+def _bypassing_gate(block: AttentionBlock, x: torch.Tensor) -> PooledGate | None:
+    """The block's :class:`PooledGate`, if its modules may be bypassed now, else ``None``."""
     if not _may_bypass_modules(block):
         return None
     gate = block._pooled_gate(x)
     if gate is None or not all(_is_stateless(m) for m in gate.modules):
         return None
-    return gate.fn(*_pool(x, gate), *gate.params)
+    return gate
 
 
 # ---------------------------------------------------------------------------------------
