@@ -1,9 +1,15 @@
 """What attnblocks needs to know about the installed PyTorch, in one place.
 
-The checks of the torch version, and the features that only some supported
-releases have, live here, so that supporting a new (or dropping an old) release
-changes one file. Checked on torch 2.2.2 (the floor in ``pyproject.toml``, tested
-by ``.ci/floor.sh``) and torch 2.14.1 (``.ci/constraints.txt``).
+The checks of the torch version, the features that only some supported releases
+have, and every use of PyTorch's private API (names with a leading underscore,
+aten kernels called directly) live here, so that supporting a new (or dropping an
+old) release changes one file. Checked on torch 2.2.2 (the floor in
+``pyproject.toml``, tested by ``.ci/floor.sh``) and torch 2.14.1
+(``.ci/constraints.txt``). The private names are listed in :data:`PRIVATE_NAMES`
+and :data:`ATEN_KERNELS`; ``tests/test_torch_compat.py`` fails if one of them is
+missing on the installed torch, so a torch release that drops one breaks that
+test, not users (where a fallback exists it is kept: a missing name then switches
+an optimisation off rather than failing).
 
 >>> from attnblocks._torch_compat import torch_at_least
 >>> torch_at_least(2, 2)
@@ -13,6 +19,7 @@ True
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Callable
 
@@ -20,14 +27,22 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ATEN_KERNELS",
     "EXPORT_DETECTABLE",
+    "PRIVATE_NAMES",
     "RMS_NORMS",
     "TORCH_VERSION",
     "autocast_dtype",
+    "function_transform_active",
     "has_cpu_float16_layer_norm",
+    "has_global_module_hooks",
+    "has_own_hooks",
     "is_compiling",
     "is_exporting",
+    "missing_internals",
     "parse_release",
+    "remove_forward_hook",
+    "rowwise_dot",
     "torch_at_least",
 ]
 
@@ -120,3 +135,131 @@ def has_cpu_float16_layer_norm() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch's private API: every name attnblocks reads, and the functions that read them.
+
+#: The private names attnblocks reads, as ``(where, attribute)`` pairs; ``where`` is a
+#: module, or ``"torch.nn.Module()"`` for an attribute of every module instance.
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("torch._C", "_are_functorch_transforms_active"),
+    ("torch.autograd.forward_ad", "_current_level"),
+    ("torch.nn.modules.module", "_global_forward_hooks"),
+    ("torch.nn.modules.module", "_global_forward_pre_hooks"),
+    ("torch.nn.modules.module", "_global_backward_hooks"),
+    ("torch.nn.modules.module", "_global_backward_pre_hooks"),
+    ("torch.nn.Module()", "_forward_hooks"),
+    ("torch.nn.Module()", "_forward_pre_hooks"),
+    ("torch.nn.Module()", "_backward_hooks"),
+    ("torch.nn.Module()", "_backward_pre_hooks"),
+    ("torch.nn.Module()", "_forward_hooks_with_kwargs"),
+    ("torch.nn.Module()", "_forward_hooks_always_called"),
+)
+
+#: The aten kernels attnblocks calls directly (``torch.ops.aten.<name>``): the
+#: batch-norm backward of :func:`rowwise_dot`, and the derivative kernels (the ones
+#: autograd calls) of the fused SE rule in ``attnblocks/blocks/_se_function.py``.
+ATEN_KERNELS: tuple[str, ...] = (
+    "native_batch_norm_backward",
+    "threshold_backward",
+    "hardtanh_backward",
+    "silu_backward",
+    "gelu_backward",
+    "leaky_relu_backward",
+    "hardswish_backward",
+    "mish_backward",
+    "tanh_backward",
+    "sigmoid_backward",
+    "hardsigmoid_backward",
+)
+
+
+def missing_internals() -> list[str]:
+    """The names of :data:`PRIVATE_NAMES` and :data:`ATEN_KERNELS` the installed torch lacks.
+
+    >>> missing_internals()
+    []
+    """
+    module = nn.Module()
+    missing = []
+    for where, name in PRIVATE_NAMES:
+        owner = module if where == "torch.nn.Module()" else importlib.import_module(where)
+        if not hasattr(owner, name):
+            missing.append(f"{where}.{name}")
+    missing += [
+        f"torch.ops.aten.{name}" for name in ATEN_KERNELS if not hasattr(torch.ops.aten, name)
+    ]
+    return missing
+
+
+def function_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) or forward-mode AD is on.
+
+    Without the private flags (a future torch) the answer is False.
+    """
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch_active is not None and functorch_active():
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def has_global_module_hooks() -> bool:
+    """Whether a global module hook is registered (``nn.modules.module.register_module_*_hook``).
+
+    Without the private tables (a future torch) the answer is False.
+    """
+    module_globals = torch.nn.modules.module
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(module_globals, name, None) for name in names)
+
+
+def has_own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has a forward, forward-pre, backward or backward-pre hook."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def remove_forward_hook(module: nn.Module, hook_id: int) -> None:
+    """Remove the forward hook ``hook_id`` from ``module``'s hook tables.
+
+    What ``handle.remove()`` does, for a caller that holds the id but not the handle.
+    """
+    del module._forward_hooks[hook_id]
+    module._forward_hooks_with_kwargs.pop(hook_id, None)
+    module._forward_hooks_always_called.pop(hook_id, None)
+
+
+def rowwise_dot(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(a * b)`` summed over each of ``rows`` rows, without the product tensor.
+
+    ``a`` and ``b`` are contiguous CPU float32 or float64 tensors of ``rows * L``
+    elements each. Viewed as ``(1, rows, L)``, the batch-norm backward's per-channel
+    ``sum(grad * (input - mean) * invstd)`` with mean 0 and invstd 1 is exactly the
+    per-row dot product, read in one pass over each operand.
+
+    >>> rowwise_dot(torch.ones(2, 3), torch.full((2, 3), 2.0), 2)
+    tensor([6., 6.])
+    """
+    zeros, ones = b.new_zeros(rows), b.new_ones(rows)
+    return torch.ops.aten.native_batch_norm_backward.default(
+        a.view(1, rows, -1),
+        b.view(1, rows, -1),
+        None,
+        None,
+        None,
+        zeros,
+        ones,
+        True,
+        0.0,
+        [False, True, False],
+    )[1]

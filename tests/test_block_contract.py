@@ -582,6 +582,12 @@ def test_constructor_contract_and_paper_citation(name: str) -> None:
         assert param.kind is inspect.Parameter.KEYWORD_ONLY, param.name
         assert param.default is not inspect.Parameter.empty, param.name
     assert "init" in {p.name for p in params}
+    # the init= values the block accepts are its init_modes, "identity" among them
+    # exactly when it supports identity init
+    assert cls.init_modes[0] == "default"
+    assert cls.supports_identity_init == ("identity" in cls.init_modes)
+    for mode in cls.init_modes:
+        assert create_block(name, 8, init=mode).init == mode
     module_doc = inspect.getmodule(cls).__doc__ or ""
     assert "https://" in module_doc, "the module header should link the paper"
     assert re.search(r"et al\.,[^)]*\b(19|20)\d\d\b", cls.__doc__ or ""), "cite the paper"

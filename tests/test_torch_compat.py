@@ -6,16 +6,25 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from attnblocks._torch_compat import (
+    ATEN_KERNELS,
     EXPORT_DETECTABLE,
+    PRIVATE_NAMES,
     RMS_NORMS,
     TORCH_VERSION,
     autocast_dtype,
+    function_transform_active,
+    has_global_module_hooks,
+    has_own_hooks,
     is_compiling,
     is_exporting,
+    missing_internals,
     parse_release,
+    remove_forward_hook,
+    rowwise_dot,
     torch_at_least,
 )
 
@@ -88,3 +97,64 @@ def test_autocast_dtype_follows_the_autocast_context() -> None:
         assert autocast_dtype("cpu") == torch.bfloat16
     assert autocast_dtype("cpu") is None
     assert autocast_dtype("meta") is None
+
+
+def test_every_private_torch_name_attnblocks_reads_exists() -> None:
+    # A torch release that drops one of these fails here (and only here): the code
+    # that reads it has a fallback or must be adapted in attnblocks/_torch_compat.py.
+    assert missing_internals() == []
+    assert len(PRIVATE_NAMES) >= 12 and "native_batch_norm_backward" in ATEN_KERNELS
+
+
+def test_function_transform_active_sees_vmap_and_forward_ad() -> None:
+    seen: list[bool] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        seen.append(function_transform_active())
+        return x * 2
+
+    assert not function_transform_active()
+    torch.func.vmap(f)(torch.ones(3, 2))
+    with fwAD.dual_level():
+        seen.append(function_transform_active())
+    assert seen == [True, True]
+    assert not function_transform_active()
+
+
+def test_global_and_own_module_hooks_are_seen_and_forgotten() -> None:
+    module = nn.Linear(2, 2)
+    assert not has_global_module_hooks() and not has_own_hooks(module)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert has_global_module_hooks()
+    finally:
+        handle.remove()
+    assert not has_global_module_hooks()
+    for register in (
+        module.register_forward_hook,
+        module.register_forward_pre_hook,
+        module.register_full_backward_hook,
+        module.register_full_backward_pre_hook,
+    ):
+        handle = register(lambda *args: None)
+        assert has_own_hooks(module)
+        handle.remove()
+        assert not has_own_hooks(module)
+
+
+def test_remove_forward_hook_clears_every_table_as_the_handle_would() -> None:
+    module = nn.Linear(2, 2)
+    handle = module.register_forward_hook(
+        lambda m, args, kwargs, out: None, with_kwargs=True, always_call=True
+    )
+    remove_forward_hook(module, handle.id)
+    assert not module._forward_hooks
+    assert not module._forward_hooks_with_kwargs
+    assert not module._forward_hooks_always_called
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rowwise_dot_is_the_per_row_dot_product(dtype: torch.dtype) -> None:
+    a = torch.randn(6, 37, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(6, 37, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rowwise_dot(a, b, 6), (a * b).sum(dim=1))

@@ -1,14 +1,29 @@
-"""The base class shared by every attention block: constructor contract, gate and map hooks."""
+"""The base class shared by every attention block: constructor contract, input check,
+gate scaling, the fused path, gate and map hooks."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from attnblocks._validation import check_positive_int
+from attnblocks.blocks._fused_gate import try_fused
+from attnblocks.blocks._identity import (
+    identity_gate_scale,
+    require_bias,
+    zero_layer_,
+    zero_output_mlp_,
+)
+from attnblocks.blocks._ops import check_block_input, per_channel, scale_gate
+from attnblocks.blocks._options import check_init
+
+if TYPE_CHECKING:
+    from attnblocks.blocks._fused_gate import PooledGate
 
 __all__ = ["AttentionBlock", "GateHook", "MapHook", "TransientHook"]
 
@@ -67,13 +82,21 @@ class AttentionBlock(nn.Module):
     each channel has its own (SimAM, Coordinate Attention, Gather-Excite with a local
     extent); each block's docstring says what its map is.
 
-    Subclasses set :attr:`supports_identity_init` to say whether ``init="identity"``
-    is available, call :meth:`_emit_gate` from ``forward``, and, if they set
+    Subclasses pass their channel count to ``super().__init__(channels)`` (it is
+    checked and stored as :attr:`channels`), validate ``init=`` with
+    :meth:`_check_init` against :attr:`init_modes` (with :attr:`supports_identity_init`
+    saying whether ``init="identity"`` is available), check their input with
+    :meth:`_check_input` (:attr:`spatial_dims`), multiply their gates by
+    :attr:`gate_scale` with :meth:`_scale`, call :meth:`_emit_gate` from ``forward``
+    (:meth:`_apply_gate` does both for a channel gate), and, if they set
     ``has_spatial_map``, :meth:`_emit_map` (only when :attr:`has_map_hooks`, so that
-    a map that costs memory is built only for the hooks).
+    a map that costs memory is built only for the hooks). A block whose gate is a
+    function of global pools describes it in :meth:`_pooled_gate` and tries
+    :meth:`_fused_forward` first (see :mod:`attnblocks.blocks._fused_gate`).
     """
 
-    #: Whether ``init="identity"`` makes the block an exact identity map.
+    #: Whether ``init="identity"`` makes the block an exact identity map (for a
+    #: subclass that does not set it: whether :attr:`init_modes` has ``"identity"``).
     supports_identity_init: ClassVar[bool] = False
     #: For a block without identity init, one sentence saying why (quoted in errors).
     identity_init_unavailable: ClassVar[str] = ""
@@ -86,13 +109,104 @@ class AttentionBlock(nn.Module):
     has_spatial_map: bool = False
     #: The numbers of spatial dimensions the block accepts (1: Conv1d features, ...).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+    #: For a block defined for one spatial rank only, a short clause saying why
+    #: (quoted in the error for other ranks).
+    spatial_dims_reason: ClassVar[str] = ""
+    #: The values of ``init=`` the block accepts (``"identity"`` among them exactly
+    #: when :attr:`supports_identity_init`).
+    init_modes: ClassVar[tuple[str, ...]] = ("default",)
+    #: The factor the block's gates are multiplied by: 1, or ``1 / gate(0)`` after
+    #: ``init="identity"``.
+    gate_scale: float = 1.0
 
     channels: int
 
-    def __init__(self) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "supports_identity_init" not in vars(cls):
+            cls.supports_identity_init = "identity" in cls.init_modes
+
+    def __init__(self, channels: int | None = None) -> None:
         super().__init__()
         self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
         self._map_hooks: OrderedDict[int, MapHook] = OrderedDict()
+        if channels is not None:
+            self.channels = check_positive_int(channels, "channels", owner=type(self).__name__)
+
+    def _check_init(self, init: object, *, bias: bool = True) -> str:
+        """Validate ``init=`` against :attr:`init_modes`; ``"identity"`` also needs ``bias``."""
+        owner = type(self).__name__
+        mode = check_init(
+            init, self.init_modes, owner=owner, identity_unavailable=self.identity_init_unavailable
+        )
+        if mode == "identity":
+            require_bias(bias, owner=owner)
+        return mode
+
+    def _init_gates(
+        self,
+        *,
+        mlp: tuple[nn.Linear, nn.Module, nn.Linear] | None = None,
+        zero: Sequence[nn.Module] = (),
+        terms: int = 1,
+    ) -> None:
+        """Set :attr:`gate_scale` for ``self.init`` after the layers got PyTorch's initialisation.
+
+        With ``init="identity"`` every pre-gate becomes exactly 0 (``mlp``, an excitation
+        MLP ``(fc1, act, fc2)``, by :func:`~attnblocks.blocks._identity.zero_output_mlp_`;
+        the ``zero`` layers by zeroing them) and the gates, of which ``terms`` are added
+        together, are scaled by ``1 / (terms * gate(0))``; otherwise the scale is 1.
+        """
+        self.gate_scale = 1.0
+        if self.init != "identity":
+            return
+        owner = type(self).__name__
+        if mlp is not None:
+            zero_output_mlp_(*mlp, owner=owner)
+        for layer in zero:
+            zero_layer_(layer)
+        like = (mlp[0] if mlp is not None else zero[0]).weight
+        self.gate_scale = identity_gate_scale(self.gate, like, owner=owner, terms=terms)  # type: ignore[arg-type]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Check that ``x`` is a floating ``(N, C, *spatial)`` tensor the block accepts."""
+        check_block_input(
+            x,
+            self.channels,
+            owner=type(self).__name__,
+            spatial_dims=self.spatial_dims,
+            reason=self.spatial_dims_reason,
+        )
+
+    def _scale(self, gate: torch.Tensor) -> torch.Tensor:
+        """``gate`` times :attr:`gate_scale` (no multiplication when the scale is 1)."""
+        return scale_gate(gate, self.gate_scale)
+
+    def _apply_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Call the gate hooks with the ``(N, C)`` gate and return ``x`` scaled by it."""
+        self._emit_gate(gate)
+        return x * per_channel(gate, x)
+
+    def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
+        """The block's gate as the fused node computes it, or ``None``: no fused path.
+
+        Blocks whose gate is a function of global pools override it (see
+        :class:`~attnblocks.blocks._fused_gate.PooledGate`).
+        """
+        return None
+
+    def _fused_forward(self, x: torch.Tensor, *, inference: bool = False) -> torch.Tensor | None:
+        """``x`` scaled by the fused node's gate (gate hooks called), or ``None``: plain path.
+
+        See :func:`~attnblocks.blocks._fused_gate.try_fused` for when the node runs and
+        for ``inference``.
+        """
+        fused = try_fused(self, x, inference=inference)
+        if fused is None:
+            return None
+        out, gate = fused
+        self._emit_gate(gate)
+        return out
 
     def register_gate_hook(self, hook: GateHook) -> RemovableHandle:
         """Register ``hook(block, gate)``, called on every forward with the detached gate.

@@ -3,18 +3,11 @@
 SE, ECA, Gather-Excite θ⁻ (global extent) and the channel gates of CBAM and scSE all
 compute ``x * g(pool(x))``: global pooling of the ``(N, C, *spatial)`` map (the mean,
 and for CBAM also the maximum), a small gate function ``g`` of the ``(N, C)`` vectors
-(an MLP, a 1-D convolution, a bare sigmoid), and a channel-wise scaling. Its cost is
-memory traffic over the map, and PyTorch's default graph spends most of it in the
-backward pass: it materialises ``grad * x`` before summing it, builds the pooling's
-gradient as a separate full-size tensor and adds the gradients of ``x`` in one more
-pass. :class:`ChannelGateFunction` computes the same thing as one autograd node:
-
-* forward: read ``x`` for the pools, read it and write the output once for ``x * g``;
-* backward: ``dL/dg = sum_spatial(grad * x)`` (without the product tensor on CPU in
-  NCHW, float32 sums for half types), back through ``g`` on the ``(N, C)`` tensors,
-  then ``dL/dx = grad * g + broadcast(dL/d avg) / HW`` in one or two passes, written
-  into a buffer it already has when it can; the max pool adds its gradient at the
-  positions of the maximum (split evenly between ties, as autograd's ``amax`` does).
+(an MLP, a 1-D convolution, a bare sigmoid), and a channel-wise scaling.
+:class:`ChannelGateFunction` computes it as one autograd node whose backward makes
+fewer passes over the map than PyTorch's default graph; the passes it saves, and
+why they matter, are counted in ``benchmarks/README.md`` ("What the fused SEBlock
+(and its relatives) does differently").
 
 The gate function is differentiated by ordinary autograd on the tiny tensors: the
 forward records ``g`` on detached copies of the pools (and on the parameters), and
@@ -27,28 +20,43 @@ recomputes the forward with differentiable ops and differentiates that, so doubl
 backward matches plain autograd, at plain autograd's speed.
 
 :func:`try_fused` is the one place that decides whether the node may run (the rules
-are in its docstring); each block passes it a function that describes its gate as a
-:class:`PooledGate`.
+are in its docstring); each block describes its gate as a :class:`PooledGate` in its
+``_pooled_gate(x)`` method (:class:`~attnblocks.blocks._base.AttentionBlock`'s returns
+``None``: no fused path). The PyTorch internals these rules read are in
+:mod:`attnblocks._torch_compat`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx
 
-from attnblocks._torch_compat import is_compiling, is_exporting
+from attnblocks._torch_compat import (
+    function_transform_active,
+    has_global_module_hooks,
+    has_own_hooks,
+    is_compiling,
+    is_exporting,
+    rowwise_dot,
+)
 from attnblocks.blocks._ops import (
+    accumulation_dtype,
     global_avg_pool,
     global_avg_pool_for,
     global_max_pool,
+    per_channel,
     spatial_dims_of,
     spatial_dot,
+    to_dtype,
 )
+
+if TYPE_CHECKING:
+    from attnblocks.blocks._base import AttentionBlock
 
 __all__ = [
     "ChannelGateFunction",
@@ -58,8 +66,6 @@ __all__ = [
     "fused_gate_values",
     "try_fused",
 ]
-
-_aten = torch.ops.aten
 
 Grads = tuple[torch.Tensor | None, ...]
 #: What the forward records for the autograd derivative: the detached pools, the
@@ -122,42 +128,12 @@ class PooledGate(NamedTuple):
 # When the fused node may run: every rule in one place.
 
 
-def _is_exporting() -> bool:
-    return bool(is_exporting())  # on torch < 2.7: any dynamo trace (see _torch_compat)
-
-
-def _function_transform_active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, ...) or forward-mode AD is on."""
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch_active is not None and functorch_active():
-        return True
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-def _has_global_module_hooks() -> bool:
-    # Hooks registered with torch.nn.modules.module.register_module_forward_hook and
-    # friends would be called for the submodules on the plain path but not the fused one.
-    module_globals = torch.nn.modules.module
-    names = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return any(getattr(module_globals, name, None) for name in names)
-
-
 def _has_submodule_hooks(module: nn.Module) -> bool:
     """Whether any module below ``module`` (not ``module`` itself) has a hook."""
     for child in module._modules.values():
         if child is None:
             continue
-        if (
-            child._forward_hooks
-            or child._forward_pre_hooks
-            or child._backward_hooks
-            or child._backward_pre_hooks
-        ):
+        if has_own_hooks(child):
             return True
         if child._modules and _has_submodule_hooks(child):
             return True
@@ -189,29 +165,27 @@ def _may_bypass_modules(block: nn.Module) -> bool:
     """:func:`fused_allowed` without its grad-mode rule."""
     if not getattr(block, "fast_path", True):
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or _is_exporting():
+    # is_exporting: on torch < 2.7 any dynamo trace (see _torch_compat).
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or is_exporting():
         return False
-    if _function_transform_active() or _has_global_module_hooks():
+    # Global module hooks would be called for the submodules on the plain path, not here.
+    if function_transform_active() or has_global_module_hooks():
         return False
     return not _has_submodule_hooks(block)
 
 
 def try_fused(
-    block: nn.Module,
-    x: torch.Tensor,
-    describe: Callable[[torch.Tensor], PooledGate | None],
-    *,
-    inference: bool = False,
+    block: AttentionBlock, x: torch.Tensor, *, inference: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(x * gate, gate)`` from the fused node, or ``None``: then take the plain path.
 
     Args:
         block: the calling block (its ``fast_path`` and submodules are checked, see
-            :func:`fused_allowed`).
+            :func:`fused_allowed`). Its ``_pooled_gate(x)`` returns the gate as a
+            :class:`PooledGate`, or ``None`` when the gate is not one the node can
+            compute exactly as the plain modules do (say, a layer of another type than
+            the block built).
         x: the block's input.
-        describe: given ``x``, returns the block's gate as a :class:`PooledGate`, or ``None`` when
-            the gate is not one the node can compute exactly as the plain modules do
-            (say, a layer of another type than the block built).
         inference: also without a backward pass, compute ``x * gate.fn(pools)``
             directly (no autograd node) instead of returning ``None``: for a gate whose
             ``fn`` is cheaper than the block's modules (ECA's convolution).
@@ -223,10 +197,8 @@ def try_fused(
     The returned gate is detached (for the block's gate hooks).
     """
     grad_mode = torch.is_grad_enabled()
-    if not (grad_mode or inference) or not _may_bypass_modules(block):
-        return None
-    gate = describe(x)
-    if gate is None or not all(_is_stateless(m) for m in gate.modules):
+    gate = _bypassing_gate(block, x) if grad_mode or inference else None
+    if gate is None:
         return None
     needs_grad = grad_mode and (
         x.requires_grad or any(p is not None and p.requires_grad for p in gate.params)
@@ -235,51 +207,42 @@ def try_fused(
         if not inference:
             return None
         values = gate.fn(*_pool(x, gate), *gate.params)
-        return x * _scale_by(x, values), values
+        return x * per_channel(values, x), values
     if gate.rule is None and is_compiling():
         return None
     out, values = ChannelGateFunction.apply(x, gate, *gate.params)
     return out, values
 
 
-def fused_gate_values(
-    block: nn.Module, x: torch.Tensor, describe: Callable[[torch.Tensor], PooledGate | None]
-) -> torch.Tensor | None:
+def fused_gate_values(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor | None:
     """The ``(N, C)`` gate as ``try_fused(..., inference=True)`` computes it, or ``None``.
 
     For a block whose ``excitation`` must return exactly the gate its forward applies
     (ECA): ``None`` when the modules compute it (the same rules as :func:`try_fused`).
     Differentiable (plain autograd, no fused node).
     """
+    gate = _bypassing_gate(block, x)
+    return None if gate is None else gate.fn(*_pool(x, gate), *gate.params)
+
+
+def _bypassing_gate(block: AttentionBlock, x: torch.Tensor) -> PooledGate | None:
+    """The block's :class:`PooledGate`, if its modules may be bypassed now, else ``None``."""
     if not _may_bypass_modules(block):
         return None
-    gate = describe(x)
+    gate = block._pooled_gate(x)
     if gate is None or not all(_is_stateless(m) for m in gate.modules):
         return None
-    return gate.fn(*_pool(x, gate), *gate.params)
+    return gate
 
 
 # ---------------------------------------------------------------------------------------
 # The node.
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Tensor.to is a no-op for the same dtype, but the call alone costs a microsecond.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _pool(x: torch.Tensor, gate: PooledGate) -> tuple[torch.Tensor, ...]:
     dtype = gate.pool_dtype
     avg = global_avg_pool(x) if dtype is None else global_avg_pool_for(x, dtype)
     return (avg, global_max_pool(x)) if gate.max_pool else (avg,)
-
-
-def _scale_by(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return _cast(gate, x.dtype).view(gate.shape + (1,) * (x.dim() - 2))
 
 
 class ChannelGateFunction(torch.autograd.Function):
@@ -304,7 +267,7 @@ class ChannelGateFunction(torch.autograd.Function):
                 leaves = tuple(p.detach().requires_grad_(True) for p in pooled)
                 recorded = gate.fn(*leaves, *params)
             values, saved, inner = recorded.detach(), (), (leaves, params, recorded)
-        gate_x = _scale_by(x, values)
+        gate_x = per_channel(values, x)
         maximum = pooled[1] if gate.max_pool else None
         ctx.save_for_backward(x, gate_x, maximum, *params, *saved)  # type: ignore[arg-type]
         ctx.gate = gate  # type: ignore[attr-defined]
@@ -358,7 +321,7 @@ def _autograd_backward(
         grads = torch.autograd.grad(
             recorded,
             targets,
-            _cast(grad_gate, recorded.dtype),
+            to_dtype(grad_gate, recorded.dtype),
             retain_graph=True,
             allow_unused=True,
         )
@@ -375,7 +338,7 @@ def _backward_by_autograd(
     grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor | None, ...]:
     with torch.enable_grad():
-        out = x * _scale_by(x, gate.fn(*_pool(x, gate), *params))
+        out = x * per_channel(gate.fn(*_pool(x, gate), *params), x)
     inputs = (x, *params)
     wanted = [need and t is not None for t, need in zip(inputs, needs, strict=True)]
     targets = [t for t, want in zip(inputs, wanted, strict=True) if want and t is not None]
@@ -401,24 +364,8 @@ def _spatial_dot(
     """
     n, c = x.shape[:2]
     if _rows_kernel_applies(grad_out, x):
-        # One read of each operand, no (N, C, *spatial) product: viewed as (1, N*C, HW),
-        # the batch-norm backward's per-channel sum(grad * (input - mean) * invstd) with
-        # mean 0 and invstd 1 is exactly the per-(sample, channel) dot product we need.
-        rows = n * c
-        zeros, ones = x.new_zeros(rows), x.new_ones(rows)
-        dot = _aten.native_batch_norm_backward.default(
-            grad_out.view(1, rows, -1),
-            x.view(1, rows, -1),
-            None,
-            None,
-            None,
-            zeros,
-            ones,
-            True,
-            0.0,
-            [False, True, False],
-        )[1]
-        return dot.view(n, c), None
+        # One read of each operand, no (N, C, *spatial) product (a batch-norm kernel).
+        return rowwise_dot(grad_out, x, n * c).view(n, c), None
     cpu = x.device.type == "cpu"
     if x.dtype == torch.float16 and cpu:
         # float16 sums can overflow, so float32 sums, chunked: a full-size float32
@@ -432,7 +379,7 @@ def _spatial_dot(
         # float32 result instead makes a float32 copy of the whole product first (measured
         # at (256, 32, 32, 32), channels_last: 1.05 ms against 2.7 ms chunked).
         return product.sum(dim=spatial).float(), product
-    return product.sum(dim=spatial, dtype=_accumulate_dtype(x.dtype)), product
+    return product.sum(dim=spatial, dtype=accumulation_dtype(x.dtype)), product
 
 
 def _rows_kernel_applies(grad_out: torch.Tensor, x: torch.Tensor) -> bool:
@@ -461,8 +408,8 @@ def _grad_input(
     """
     if grad_z is None:  # the gate does not depend on the mean
         return torch.mul(grad_out, gate_x, out=buffer)
-    shift = _cast(_cast(grad_z, _accumulate_dtype(x.dtype)) / math.prod(x.shape[2:]), x.dtype)
-    shift = shift.view(gate_x.shape)
+    mean_grad = to_dtype(grad_z, accumulation_dtype(x.dtype)) / math.prod(x.shape[2:])
+    shift = to_dtype(mean_grad, x.dtype).view(gate_x.shape)
     if grad_out.dim() > 2 and grad_out.stride(1) == 1 and grad_out.shape[1] > 1:
         # Channels are innermost: every operand is contiguous along the inner loop,
         # and addcmul does it all in one vectorised pass.
@@ -499,8 +446,7 @@ def _add_max_grad(
     As autograd's ``amax`` backward: ``grad_max`` split evenly between the positions
     that hold the maximum (ReLU maps often tie at 0).
     """
-    shape = maximum.shape + (1,) * (x.dim() - 2)
-    hits = x == _cast(maximum, x.dtype).view(shape)
+    hits = x == per_channel(maximum, x)
     count = hits.sum(dim=spatial_dims_of(x), dtype=grad_max.dtype)
-    share = _cast(grad_max / count, x.dtype).view(shape)
+    share = per_channel(grad_max / count, x)
     grad_x.addcmul_(hits, share)

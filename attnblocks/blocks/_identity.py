@@ -34,7 +34,16 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 
-__all__ = ["identity_gate_scale", "zero_layer_", "zero_output_mlp_"]
+__all__ = ["identity_gate_scale", "require_bias", "zero_layer_", "zero_output_mlp_"]
+
+
+def require_bias(bias: bool, *, owner: str) -> None:
+    """Refuse ``init="identity"`` without biases: the identity start is built from them."""
+    if not bias:
+        raise InvalidArgumentError(
+            f"{owner}: init='identity' needs bias=True (the identity start is built from "
+            "the biases); got bias=False."
+        )
 
 
 @torch.no_grad()
@@ -99,11 +108,7 @@ def zero_output_mlp_(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, *, owner: s
     >>> torch.equal(mlp(torch.randn(4, 6, dtype=torch.bfloat16)), torch.zeros(4, 6))
     True
     """
-    if fc1.bias is None or fc2.bias is None:
-        raise InvalidArgumentError(
-            f"{owner}: init='identity' needs bias=True (the identity start is built from "
-            "the biases); got bias=False."
-        )
+    require_bias(fc1.bias is not None and fc2.bias is not None, owner=owner)
     fc1.weight.zero_()
     fc1.bias.fill_(1.0)
     hidden = act(fc1.bias.detach().clone()[None])[0]

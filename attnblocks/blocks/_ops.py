@@ -26,23 +26,58 @@ __all__ = [
     "global_max_pool",
     "has_zero_extent",
     "match_memory_format",
+    "per_channel",
+    "scale_gate",
     "spatial_dims_of",
     "spatial_dot",
-    "to_dtype_of",
+    "to_dtype",
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype reductions over ``x`` run in: float32 for half types, else ``x.dtype``.
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions over ``dtype`` values run in: float32 for half types, else ``dtype``.
 
-    >>> accumulation_dtype(torch.zeros(1, dtype=torch.bfloat16))
+    >>> accumulation_dtype(torch.bfloat16)
     torch.float32
-    >>> accumulation_dtype(torch.zeros(1, dtype=torch.float64))
+    >>> accumulation_dtype(torch.float64)
     torch.float64
     """
-    return torch.float32 if x.dtype in _HALF_TYPES else x.dtype
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``t`` cast to ``dtype`` (``t`` itself when it already has it).
+
+    ``Tensor.to`` is a no-op for the same dtype, but the call alone costs about a
+    microsecond, a few percent of a small block's forward. Blocks compute their gates
+    in the dtype of their parameters (autocast, when active, still decides inside each
+    layer) and cast the gate to the input's dtype only to apply it.
+
+    >>> t = torch.zeros(2)
+    >>> to_dtype(t, torch.float32) is t, to_dtype(t, torch.float64).dtype
+    (True, torch.float64)
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def per_channel(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An ``(N, C)`` tensor in ``x``'s dtype, viewed as ``(N, C, 1, ...)`` to broadcast over ``x``.
+
+    >>> per_channel(torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, 4, 5)).shape
+    torch.Size([2, 3, 1, 1])
+    """
+    return to_dtype(values, x.dtype).view(values.shape + (1,) * (x.dim() - 2))
+
+
+def scale_gate(gate: torch.Tensor, scale: float) -> torch.Tensor:
+    """``gate * scale``, or ``gate`` itself for a scale of 1 (no multiplication at all).
+
+    ``init="identity"`` scales a block's gates by ``1 / gate(0)``; every other block
+    applies its gate as it is.
+    """
+    return gate * scale if scale != 1.0 else gate
 
 
 def spatial_dims_of(x: torch.Tensor) -> tuple[int, ...]:
@@ -94,7 +129,7 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     >>> global_avg_pool(torch.ones(2, 3, 4, 4, dtype=torch.float16)).dtype
     torch.float32
     """
-    dims, acc = spatial_dims_of(x), accumulation_dtype(x)
+    dims, acc = spatial_dims_of(x), accumulation_dtype(x.dtype)
     chunk = _batch_chunk(x)
     if chunk is None:
         return x.mean(dim=dims, dtype=acc)
@@ -134,7 +169,7 @@ def spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     >>> spatial_dot(a, 2 * a)[0, 0].item()
     32.0
     """
-    dims, acc = spatial_dims_of(a), accumulation_dtype(a)
+    dims, acc = spatial_dims_of(a), accumulation_dtype(a.dtype)
     chunk = _batch_chunk(a)
     if chunk is None:
         return (a * b).sum(dim=dims, dtype=acc)
@@ -154,18 +189,8 @@ def global_max_pool(x: torch.Tensor) -> torch.Tensor:
             [nan, nan, nan]])
     """
     if has_zero_extent(x):
-        return x.new_full(x.shape[:2], float("nan"), dtype=accumulation_dtype(x))
-    return x.amax(dim=spatial_dims_of(x)).to(accumulation_dtype(x))
-
-
-def to_dtype_of(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Return ``t`` cast to ``reference.dtype`` (``t`` itself when they already match).
-
-    Blocks compute their gates in the dtype of their parameters (autocast, when
-    active, still decides inside each layer) and cast the gate to the input's
-    dtype only to apply it.
-    """
-    return t if t.dtype == reference.dtype else t.to(reference.dtype)
+        return x.new_full(x.shape[:2], float("nan"), dtype=accumulation_dtype(x.dtype))
+    return x.amax(dim=spatial_dims_of(x)).to(accumulation_dtype(x.dtype))
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

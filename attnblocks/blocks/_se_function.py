@@ -1,19 +1,17 @@
-"""The excitation MLP of SE (and scSE's cSE) as a gate of the fused channel-gating node.
+"""The excitation MLP of SE (and scSE's cSE, CBAM's) as a gate of the fused channel-gating node.
 
-:mod:`attnblocks.blocks._fused_gate` runs every pooled-gate block as one autograd node
-with fewer passes over the feature map; the gate function of the pooled ``(N, C)``
-vector is differentiated there by autograd. For SE's two-layer MLP,
-``gate(fc2(act(fc1(z)))) * scale``, this module gives it a hand-written derivative
-(:class:`MLPRule`) instead: it saves the autograd call on the small tensors (tens of
-microseconds per step, a few percent of a small block) and lets ``torch.compile``
-trace the node.
+For SE's two-layer MLP, ``gate(fc2(act(fc1(z)))) * scale``, this module gives the
+fused node (:mod:`attnblocks.blocks._fused_gate`) a hand-written derivative,
+:class:`MLPRule`: it saves the autograd call on the small tensors and lets
+``torch.compile`` trace the node (``benchmarks/README.md`` has the measurements).
 
 Only activations and gates whose derivatives are written here take the rule
 (:func:`fused_spec` returns ``None`` for anything else, and :func:`mlp_gate` leaves the
 MLP to autograd). The derivatives are PyTorch's own backward kernels
-(``aten::threshold_backward``, ``aten::sigmoid_backward``, ...), the ones autograd
-itself calls, so both agree to floating-point rounding. The MLP backward runs in
-float32 when the MLP ran in a half type: ``dL/ds`` of a large map overflows float16.
+(``aten::threshold_backward``, ``aten::sigmoid_backward``, ...; listed in
+:data:`attnblocks._torch_compat.ATEN_KERNELS`), the ones autograd itself calls, so
+both agree to floating-point rounding. The MLP backward runs in float32 when the MLP
+ran in a half type: ``dL/ds`` of a large map overflows float16.
 """
 
 from __future__ import annotations
@@ -28,8 +26,17 @@ from torch import nn
 from attnblocks._torch_compat import autocast_dtype
 from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import LambdaLayer
+from attnblocks.blocks._ops import accumulation_dtype, scale_gate, to_dtype
 
-__all__ = ["FusedSpec", "MLPRule", "fused_spec", "mlp_dtype", "mlp_gate"]
+__all__ = [
+    "FusedSpec",
+    "MLPRule",
+    "fused_spec",
+    "linear_mlp",
+    "linear_params",
+    "mlp_dtype",
+    "mlp_gate",
+]
 
 _aten = torch.ops.aten
 
@@ -131,11 +138,6 @@ def fused_spec(act: nn.Module, gate: nn.Module) -> FusedSpec | None:
     return FusedSpec(act_kind, _act_arg(act), gate_kind)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device_type``, or ``None`` when autocast is off."""
-    return autocast_dtype(device_type)  # the torch-version-dependent part: _torch_compat
-
-
 def mlp_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype ``nn.Linear`` would compute in for weights of ``weight_dtype``.
 
@@ -149,23 +151,14 @@ def mlp_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     ...     mlp_dtype(torch.float32, "cpu")
     torch.bfloat16
     """
-    autocast = _autocast_dtype(device_type)
+    autocast = autocast_dtype(device_type)
     if autocast is None or weight_dtype == torch.float64:
         return weight_dtype
     return autocast
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Tensor.to is a no-op for the same dtype, but the call alone costs a microsecond.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _cast_optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else _cast(t, dtype)
+    return None if t is None else to_dtype(t, dtype)
 
 
 _Params = tuple[torch.Tensor | None, ...]
@@ -200,14 +193,13 @@ class MLPRule(NamedTuple):
         compute = mlp_dtype(w1.dtype, pooled[0].device.type)  # type: ignore[union-attr]
         # The mean as on the plain path: to the weights' dtype, and by autocast (if on)
         # to its dtype.
-        z = _cast(_cast(pooled[0], w1.dtype), compute)  # type: ignore[union-attr]
-        w1c, w2c = _cast(w1, compute), _cast(w2, compute)  # type: ignore[arg-type]
+        z = to_dtype(to_dtype(pooled[0], w1.dtype), compute)  # type: ignore[union-attr]
+        w1c, w2c = to_dtype(w1, compute), to_dtype(w2, compute)  # type: ignore[arg-type]
         h = F.linear(z, w1c, _cast_optional(b1, compute))
         a = _ACT_FORWARD[self.spec.act](h, self.spec.act_arg)
         p = F.linear(a, w2c, _cast_optional(b2, compute))
         s = _GATE_FORWARD[self.spec.gate](p)
-        gate = s * self.gate_scale if self.gate_scale != 1.0 else s
-        return gate, (z, h, a, p, s, w1c, w2c)
+        return scale_gate(s, self.gate_scale), (z, h, a, p, s, w1c, w2c)
 
     def backward(
         self,
@@ -222,22 +214,20 @@ class MLPRule(NamedTuple):
         dtypes = [None if t is None else t.dtype for t in params]
         # The MLP backward runs on (N, C)-sized tensors, in float32 when the MLP itself
         # ran in a half type: dL/ds of a large feature map overflows float16 otherwise.
-        acc = _accumulate_dtype(z.dtype)
+        acc = accumulation_dtype(z.dtype)
         if acc != z.dtype:
             z, h, a, p, s, w1, w2 = (t.to(acc) for t in (z, h, a, p, s, w1, w2))
-        grad_s = _cast(grad_gate, acc)
-        if self.gate_scale != 1.0:
-            grad_s = grad_s * self.gate_scale
+        grad_s = scale_gate(to_dtype(grad_gate, acc), self.gate_scale)
         grad_p = _GATE_BACKWARD[self.spec.gate](grad_s, p, s)
-        grad_w2 = _cast(grad_p.t().mm(a), dtypes[2]) if need_w2 else None  # type: ignore[arg-type]
-        grad_b2 = _cast(grad_p.sum(0), dtypes[3]) if need_b2 else None  # type: ignore[arg-type]
+        grad_w2 = to_dtype(grad_p.t().mm(a), dtypes[2]) if need_w2 else None  # type: ignore[arg-type]
+        grad_b2 = to_dtype(grad_p.sum(0), dtypes[3]) if need_b2 else None  # type: ignore[arg-type]
         grad_w1 = grad_b1 = grad_z = None
         if need_z or need_w1 or need_b1:
             grad_h = _ACT_BACKWARD[self.spec.act](grad_p.mm(w2), h, a, self.spec.act_arg)
             if need_w1:
-                grad_w1 = _cast(grad_h.t().mm(z), dtypes[0])  # type: ignore[arg-type]
+                grad_w1 = to_dtype(grad_h.t().mm(z), dtypes[0])  # type: ignore[arg-type]
             if need_b1:
-                grad_b1 = _cast(grad_h.sum(0), dtypes[1])  # type: ignore[arg-type]
+                grad_b1 = to_dtype(grad_h.sum(0), dtypes[1])  # type: ignore[arg-type]
             if need_z:
                 grad_z = grad_h.mm(w1)
         return (grad_z,), (grad_w1, grad_b1, grad_w2, grad_b2)
@@ -264,13 +254,8 @@ def mlp_gate(
         pool_dtype: passed on to the node's average pooling (see
             :class:`~attnblocks.blocks._fused_gate.PooledGate`).
     """
-    if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or act is None or gate is None:
-        return None
-    # _parameters directly: this runs on every forward, and each nn.Module.__getattr__
-    # costs about a microsecond.
-    p1, p2 = fc1._parameters, fc2._parameters
-    params = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
-    if params[0] is None or params[2] is None:
+    params = linear_params(fc1, fc2)
+    if params is None or act is None or gate is None:
         return None
 
     spec = fused_spec(act, gate)
@@ -278,14 +263,32 @@ def mlp_gate(
         rule = MLPRule(spec, gate_scale)
         return PooledGate(rule, params, pool_dtype=pool_dtype, rule=rule)  # type: ignore[arg-type]
 
-    def fn(
-        z: torch.Tensor,
-        w1: torch.Tensor,
-        b1: torch.Tensor | None,
-        w2: torch.Tensor,
-        b2: torch.Tensor | None,
-    ) -> torch.Tensor:
-        s = gate(F.linear(act(F.linear(_cast(z, w1.dtype), w1, b1)), w2, b2))
-        return s * gate_scale if gate_scale != 1.0 else s
+    def fn(z: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
+        return scale_gate(gate(linear_mlp(z, act, params)), gate_scale)
 
     return PooledGate(fn, params, modules=(act, gate), pool_dtype=pool_dtype)
+
+
+def linear_params(fc1: nn.Module | None, fc2: nn.Module | None) -> _Params | None:
+    """``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)`` of two plain ``nn.Linear`` layers.
+
+    ``None`` when a layer is not exactly an ``nn.Linear`` or has lost its weight; a
+    missing bias is ``None`` in the tuple.
+    """
+    if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+        return None
+    # _parameters directly: this runs on every forward, and each nn.Module.__getattr__
+    # costs about a microsecond.
+    p1, p2 = fc1._parameters, fc2._parameters
+    params = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
+    return None if params[0] is None or params[2] is None else params
+
+
+def linear_mlp(z: torch.Tensor, act: nn.Module, params: _Params) -> torch.Tensor:
+    """``fc2(act(fc1(z)))`` from :func:`linear_params`, as the modules compute it.
+
+    ``z`` is first cast to the dtype of ``fc1``'s weight.
+    """
+    w1, b1, w2, b2 = params
+    h = F.linear(to_dtype(z, w1.dtype), w1, b1)  # type: ignore[union-attr, arg-type]
+    return F.linear(act(h), w2, b2)  # type: ignore[arg-type]

@@ -9,30 +9,28 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_bool, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._fused_gate import PooledGate, try_fused
-from attnblocks.blocks._identity import identity_gate_scale, zero_layer_, zero_output_mlp_
+from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
-    check_block_input,
     global_avg_pool,
     global_max_pool,
     has_zero_extent,
     match_memory_format,
-    to_dtype_of,
+    per_channel,
+    scale_gate,
+    to_dtype,
 )
-from attnblocks.blocks._options import check_init, hidden_width
+from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
+from attnblocks.blocks._se_function import linear_mlp, linear_params
 
 __all__ = ["CBAMBlock"]
-
-_INIT_MODES = ("default", "identity")
 
 
 @register_block("cbam")
@@ -104,11 +102,10 @@ class CBAMBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
-    has_channel_gate = True
+    init_modes = ("default", "identity")
     has_spatial_map = True
-    #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (2,)
+    spatial_dims_reason = "its spatial attention is a 2D convolution"
     #: Whether ``forward`` may run the channel gate as the fused channel-gating node
     #: when there is a backward pass (as :attr:`SEBlock.fast_path
     #: <attnblocks.SEBlock.fast_path>`).
@@ -126,9 +123,8 @@ class CBAMBlock(AttentionBlock):
         spatial_kernel_size: int = 7,
         init: Literal["default", "identity"] = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
         self.reduction, self.hidden_channels = hidden_width(
             self.channels, reduction, hidden_channels, owner=owner
         )
@@ -141,67 +137,41 @@ class CBAMBlock(AttentionBlock):
                 f"{owner}: spatial_kernel_size must be odd (the map keeps its size), "
                 f"got {spatial_kernel_size}."
             )
-        self.init = check_init(init, _INIT_MODES, owner=owner)
-        if self.init == "identity" and not bias:
-            raise InvalidArgumentError(
-                f"{owner}: init='identity' needs bias=True (the identity start is built "
-                "from the biases); got bias=False."
-            )
+        self.init = self._check_init(init, bias=bias)
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
         self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
         k = self.spatial_kernel_size
         self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
-        self.spatial_conv.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            owner = type(self).__name__
-            zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-            zero_layer_(self.spatial_conv)
-            self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
-
-    def _check(self, x: object) -> None:
-        check_block_input(
-            x,
-            self.channels,
-            owner=type(self).__name__,
-            spatial_dims=self.spatial_dims,
-            reason="its spatial attention is a 2D convolution",
-        )
+        for layer in (self.fc1, self.fc2, self.spatial_conv):
+            layer.reset_parameters()
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2), zero=(self.spatial_conv,))
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(z)))
 
     def _channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        avg = to_dtype_of(global_avg_pool(x), self.fc1.weight)
-        mx = to_dtype_of(global_max_pool(x), self.fc1.weight)
-        gate = self.gate(self._mlp(avg) + self._mlp(mx))
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
-        return gate
+        weight_dtype = self.fc1.weight.dtype
+        avg = to_dtype(global_avg_pool(x), weight_dtype)
+        mx = to_dtype(global_max_pool(x), weight_dtype)
+        return self._scale(self.gate(self._mlp(avg) + self._mlp(mx)))
 
     def _spatial_gate(self, refined: torch.Tensor) -> torch.Tensor:
-        avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined))
+        avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined.dtype))
         mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
-        maps = to_dtype_of(torch.cat([avg, mx], dim=1), self.spatial_conv.weight)
+        maps = to_dtype(torch.cat([avg, mx], dim=1), self.spatial_conv.weight.dtype)
         # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
         logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
-        gate = self.gate(logits)
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
-        return gate
+        return self._scale(self.gate(logits))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the channel gate :math:`M_c(x)` of shape :math:`(N, C)`."""
-        self._check(x)
+        self._check_input(x)
         return self._channel_gate(x)
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,21 +179,15 @@ class CBAMBlock(AttentionBlock):
 
         It is computed, as in ``forward``, on :math:`F' = M_c(x) \\otimes x`.
         """
-        self._check(x)
-        gate = self._channel_gate(x)
-        return self._spatial_gate(x * gate.to(x.dtype)[:, :, None, None])
+        self._check_input(x)
+        return self._spatial_gate(x * per_channel(self._channel_gate(x), x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the channel gate, then the spatial gate (eq. 1)."""
-        self._check(x)
-        fused = try_fused(self, x, self._pooled_gate)
-        if fused is not None:
-            refined, gate = fused
-            self._emit_gate(gate)
-        else:
-            gate = self._channel_gate(x)
-            self._emit_gate(gate)
-            refined = x * gate.to(x.dtype)[:, :, None, None]
+        self._check_input(x)
+        refined = self._fused_forward(x)
+        if refined is None:
+            refined = self._apply_gate(x, self._channel_gate(x))
         spatial = self._spatial_gate(refined)
         self._emit_map(spatial)
         out = refined * spatial.to(x.dtype)
@@ -232,27 +196,15 @@ class CBAMBlock(AttentionBlock):
     def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
         """The channel gate as the fused node computes it (``None``: call the submodules)."""
         modules = self._modules
-        fc1, fc2 = modules["fc1"], modules["fc2"]
-        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+        params = linear_params(modules["fc1"], modules["fc2"])
+        if params is None:
             return None
         act, gate, scale = modules["act"], modules["gate"], self.gate_scale
 
-        def fn(
-            avg: torch.Tensor,
-            mx: torch.Tensor,
-            w1: torch.Tensor,
-            b1: torch.Tensor | None,
-            w2: torch.Tensor,
-            b2: torch.Tensor | None,
-        ) -> torch.Tensor:
-            def mlp(z: torch.Tensor) -> torch.Tensor:
-                return F.linear(act(F.linear(to_dtype_of(z, w1), w1, b1)), w2, b2)  # type: ignore[misc]
+        def fn(avg: torch.Tensor, mx: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+            both = linear_mlp(avg, act, weights) + linear_mlp(mx, act, weights)  # type: ignore[arg-type]
+            return scale_gate(gate(both), scale)  # type: ignore[misc]
 
-            s = gate(mlp(avg) + mlp(mx))  # type: ignore[misc]
-            return s * scale if scale != 1.0 else s
-
-        p1, p2 = fc1._parameters, fc2._parameters
-        params = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
         return PooledGate(fn, params, modules=(act, gate), max_pool=True)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:

@@ -11,21 +11,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnblocks._validation import check_bool, check_positive_int
+from attnblocks._validation import check_bool
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
-from attnblocks.blocks._ops import (
-    accumulation_dtype,
-    check_block_input,
-    match_memory_format,
-    to_dtype_of,
-)
-from attnblocks.blocks._options import check_init, hidden_width
+from attnblocks.blocks._ops import accumulation_dtype, match_memory_format, to_dtype
+from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["CoordAttentionBlock"]
 
-_INIT_MODES = ("default",)
 _NO_IDENTITY = (
     "an exact identity needs gates g_h(i) * g_w(j) = 1 for every input, which (each gate "
     "seeing only its own row or column) means gates that do not depend on the input; "
@@ -101,12 +95,11 @@ class CoordAttentionBlock(AttentionBlock):
         [torch.Size([2, 256, 14, 1]), torch.Size([2, 256, 1, 10])]
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
     has_spatial_map = True
-    #: The numbers of spatial dimensions the block accepts.
     spatial_dims: tuple[int, ...] = (2,)
+    spatial_dims_reason = "its gates are defined along height and width"
 
     def __init__(
         self,
@@ -119,16 +112,15 @@ class CoordAttentionBlock(AttentionBlock):
         bias: bool = True,
         init: Literal["default"] = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
         self.reduction, self.hidden_channels = hidden_width(
             self.channels, reduction, hidden_channels, owner=owner
         )
         if hidden_channels is None:
             self.hidden_channels = max(8, self.hidden_channels)
         check_bool(bias, "bias", owner=owner)
-        self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
+        self.init = self._check_init(init)
         m = self.hidden_channels
         self.conv1 = nn.Conv2d(self.channels, m, 1, bias=bias)
         self.bn1 = nn.BatchNorm2d(m)
@@ -142,15 +134,6 @@ class CoordAttentionBlock(AttentionBlock):
         for layer in (self.conv1, self.bn1, self.conv_h, self.conv_w):
             layer.reset_parameters()
 
-    def _check(self, x: object) -> None:
-        check_block_input(
-            x,
-            self.channels,
-            owner=type(self).__name__,
-            spatial_dims=self.spatial_dims,
-            reason="its gates are defined along height and width",
-        )
-
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[2], x.shape[3]
         if x.numel() == 0:
@@ -160,11 +143,11 @@ class CoordAttentionBlock(AttentionBlock):
             nan = float("nan")
             g_h = x.new_full((n, c, height, 1), nan, dtype=dtype)
             return g_h, x.new_full((n, c, 1, width), nan, dtype=dtype)
-        acc = accumulation_dtype(x)
+        acc = accumulation_dtype(x.dtype)
         along_h = x.mean(dim=3, keepdim=True, dtype=acc)  # (N, C, H, 1)
         along_w = x.mean(dim=2, keepdim=True, dtype=acc)  # (N, C, 1, W)
         joint = torch.cat([along_h, along_w.transpose(2, 3)], dim=2)  # (N, C, H + W, 1)
-        joint = self.act(self.bn1(self.conv1(to_dtype_of(joint, self.conv1.weight))))
+        joint = self.act(self.bn1(self.conv1(to_dtype(joint, self.conv1.weight.dtype))))
         f_h, f_w = torch.split(joint, [height, width], dim=2)
         g_h = self.gate(self.conv_h(f_h))  # (N, C, H, 1)
         g_w = self.gate(self.conv_w(f_w.transpose(2, 3)))  # (N, C, 1, W)
@@ -176,7 +159,7 @@ class CoordAttentionBlock(AttentionBlock):
         Their shapes are :math:`(N, C, H, 1)` and :math:`(N, C, 1, W)`; their dtype is
         the parameters'.
         """
-        self._check(x)
+        self._check_input(x)
         return self._gates(x)
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +172,7 @@ class CoordAttentionBlock(AttentionBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight ``x`` by its height gate and its width gate."""
-        self._check(x)
+        self._check_input(x)
         g_h, g_w = self._gates(x)
         if self.has_map_hooks:
             self._emit_map(g_h * g_w)

@@ -17,22 +17,19 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import check_bool, check_positive_int, check_positive_number
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._fused_gate import PooledGate, fused_gate_values, try_fused
-from attnblocks.blocks._identity import identity_gate_scale, zero_layer_
+from attnblocks.blocks._fused_gate import PooledGate, fused_gate_values
 from attnblocks.blocks._layers import GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
-    check_block_input,
+    accumulation_dtype,
     global_avg_pool,
     match_memory_format,
-    to_dtype_of,
+    scale_gate,
+    to_dtype,
 )
-from attnblocks.blocks._options import check_init
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import mlp_dtype
 
 __all__ = ["ECABlock", "eca_kernel_size"]
-
-_INIT_MODES = ("default", "identity")
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -66,7 +63,7 @@ def _channel_conv(
     ``(64, 256)`` inputs and ``k = 5``, 0.23 ms forward + backward against 1.3 ms.
     """
     k = weight.shape[-1]
-    acc = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
+    acc = accumulation_dtype(compute)
     w = weight.to(compute).to(acc).reshape(k)
     zp = F.pad(z.to(compute).to(acc), ((k - 1) // 2, (k - 1) // 2))
     channels = z.shape[-1]
@@ -131,10 +128,7 @@ class ECABlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
-    has_channel_gate = True
-    #: The numbers of spatial dimensions the block accepts.
-    spatial_dims: tuple[int, ...] = (1, 2, 3)
+    init_modes = ("default", "identity")
     #: Whether ``forward`` may use the fused channel-gating node when there is a
     #: backward pass (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
     fast_path: bool = True
@@ -150,9 +144,8 @@ class ECABlock(AttentionBlock):
         bias: bool = False,
         init: Literal["default", "identity"] = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
         self.gamma = check_positive_number(gamma, "gamma", owner=owner)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
             raise InvalidArgumentError(f"{owner}: beta must be a finite number, got {beta!r}.")
@@ -167,54 +160,37 @@ class ECABlock(AttentionBlock):
                     f"channel), got {kernel_size}."
                 )
         check_bool(bias, "bias", owner=owner)
-        self.init = check_init(init, _INIT_MODES, owner=owner)
+        self.init = self._check_init(init)
         self.conv = nn.Conv1d(
             1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=bias
         )
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
         self.conv.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            zero_layer_(self.conv)
-            self.gate_scale = identity_gate_scale(
-                self.gate, self.conv.weight, owner=type(self).__name__
-            )
+        self._init_gates(zero=(self.conv,))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate :math:`s` of shape :math:`(N, C)` the block would apply to ``x``."""
-        check_block_input(
-            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
-        )
+        self._check_input(x)
         # As forward computes it: the shifted-sum convolution unless the modules must run.
-        gate = fused_gate_values(self, x, self._pooled_gate)
+        gate = fused_gate_values(self, x)
         return self._excitation(x) if gate is None else gate
 
     def _excitation(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = to_dtype_of(global_avg_pool(x), self.conv.weight)
-        gate = self.gate(self.conv(pooled.unsqueeze(1)).squeeze(1))
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
-        return gate
+        pooled = to_dtype(global_avg_pool(x), self.conv.weight.dtype)
+        return self._scale(self.gate(self.conv(pooled.unsqueeze(1)).squeeze(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Re-weight the channels of ``x`` by the ECA gate."""
-        check_block_input(
-            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
-        )
-        fused = try_fused(self, x, self._pooled_gate, inference=True)
+        self._check_input(x)
+        # Without a backward pass too: the shifted sums are cheaper than the Conv1d.
+        fused = self._fused_forward(x, inference=True)
         if fused is not None:
-            out, gate = fused
-            self._emit_gate(gate)
-            return out
-        gate = self._excitation(x)
-        self._emit_gate(gate)
-        shape = gate.shape + (1,) * (x.dim() - 2)
-        return match_memory_format(x * gate.to(x.dtype).view(shape), x)
+            return fused
+        return match_memory_format(self._apply_gate(x, self._excitation(x)), x)
 
     def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
         """The gate as the fused node computes it (``None``: call the submodules)."""
@@ -230,9 +206,9 @@ class ECABlock(AttentionBlock):
         scale, device_type = self.gate_scale, x.device.type
 
         def fn(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            z = to_dtype_of(z, weight)
+            z = to_dtype(z, weight.dtype)
             s = gate(_channel_conv(z, weight, bias, mlp_dtype(weight.dtype, device_type)))  # type: ignore[misc]
-            return s * scale if scale != 1.0 else s
+            return scale_gate(s, scale)
 
         params = conv._parameters
         return PooledGate(fn, (params["weight"], params.get("bias")), modules=(gate,))  # type: ignore[arg-type]

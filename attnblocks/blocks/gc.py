@@ -13,24 +13,22 @@ import torch
 from torch import nn
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_bool, check_choice, check_positive_int
+from attnblocks._validation import check_bool, check_choice
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._identity import zero_layer_
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
     channel_projection,
-    check_block_input,
     match_memory_format,
-    spatial_dims_of,
-    to_dtype_of,
+    per_channel,
+    to_dtype,
 )
-from attnblocks.blocks._options import check_init, hidden_width
+from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["GlobalContextBlock"]
 
-_INIT_MODES = ("default", "zero_last")
 _FUSIONS = ("add", "mul")
 _NO_IDENTITY = (
     "the context reaches the output only through the transform, so an output equal to "
@@ -112,12 +110,10 @@ class GlobalContextBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
+    init_modes = ("default", "zero_last")
     has_channel_gate = False
     has_spatial_map = True
-    #: The numbers of spatial dimensions the block accepts.
-    spatial_dims: tuple[int, ...] = (1, 2, 3)
 
     def __init__(
         self,
@@ -131,15 +127,14 @@ class GlobalContextBlock(AttentionBlock):
         fusion: Literal["add", "mul"] = "add",
         init: Literal["default", "zero_last"] = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
         self.reduction, self.hidden_channels = hidden_width(
             self.channels, reduction, hidden_channels, owner=owner, minimum=2
         )
         check_bool(bias, "bias", owner=owner)
         self.fusion = check_choice(fusion, "fusion", _FUSIONS, owner=owner)
-        self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
+        self.init = self._check_init(init)
         # Per instance: only multiplicative fusion applies a channel gate.
         self.has_channel_gate = self.fusion == "mul"
         h = self.hidden_channels
@@ -160,31 +155,26 @@ class GlobalContextBlock(AttentionBlock):
         if self.init == "zero_last":
             zero_layer_(self.fc2)
 
-    def _check(self, x: object) -> None:
-        check_block_input(
-            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
-        )
-
     def _weights(self, x: torch.Tensor) -> torch.Tensor:
         logits = channel_projection(x, self.context_mask.weight)  # (N, 1, *spatial)
-        flat = logits.flatten(1).to(accumulation_dtype(x))
+        flat = logits.flatten(1).to(accumulation_dtype(x.dtype))
         return flat.softmax(dim=1).view(logits.shape)
 
     def _term(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # c_n = sum_j alpha_nj x_nj, with the spatial positions j flattened.
         context = torch.einsum("ncj,nj->nc", x.flatten(2).to(weights.dtype), weights.flatten(1))
-        context = to_dtype_of(context, self.fc1.weight)
+        context = to_dtype(context, self.fc1.weight.dtype)
         term = self.fc2(self.act(self.norm(self.fc1(context))))
         return self.gate(term) if self.fusion == "mul" else term
 
     def context_weights(self, x: torch.Tensor) -> torch.Tensor:
         r"""Return the attention map :math:`\alpha`, shape :math:`(N, 1, *)`, summing to 1."""
-        self._check(x)
+        self._check_input(x)
         return self._weights(x)
 
     def fusion_term(self, x: torch.Tensor) -> torch.Tensor:
         r"""Return the :math:`(N, C)` term fused into ``x``: :math:`t` or :math:`\sigma(t)`."""
-        self._check(x)
+        self._check_input(x)
         return self._term(x, self._weights(x))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,16 +198,11 @@ class GlobalContextBlock(AttentionBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pool the global context, transform it and fuse it into every position."""
-        self._check(x)
+        self._check_input(x)
         weights = self._weights(x)
         self._emit_map(weights)
         term = self._term(x, weights)
-        shape = term.shape + (1,) * len(spatial_dims_of(x))
-        if self.fusion == "mul":
-            self._emit_gate(term)
-            out = x * term.to(x.dtype).view(shape)
-        else:
-            out = x + term.to(x.dtype).view(shape)
+        out = self._apply_gate(x, term) if self.fusion == "mul" else x + per_channel(term, x)
         return match_memory_format(out, x)
 
     def extra_repr(self) -> str:

@@ -18,23 +18,21 @@ from torch import nn
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_bool, check_choice, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._fused_gate import PooledGate, try_fused
+from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
     accumulation_dtype,
-    check_block_input,
     global_avg_pool,
     match_memory_format,
-    to_dtype_of,
+    to_dtype,
 )
-from attnblocks.blocks._options import check_init, hidden_width
+from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["GatherExciteBlock"]
 
 Variant = Literal["theta_minus", "theta", "theta_plus"]
 _VARIANTS: tuple[str, ...] = ("theta_minus", "theta", "theta_plus")
-_INIT_MODES = ("default",)
 _NO_IDENTITY = (
     "GE-theta-minus has no parameters and its gate sigmoid(gathered context) is not "
     "exactly 1 for every input; in the parametric variants a gate equal to 1 for every "
@@ -130,11 +128,10 @@ class GatherExciteBlock(AttentionBlock):
         torch.Size([2, 64, 16, 16])
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
-    has_channel_gate = True
     #: The numbers of spatial dimensions the block accepts (set per instance).
     spatial_dims: tuple[int, ...] = (1, 2, 3)
+    spatial_dims_reason = "its learned gather is made of 2D depthwise convolutions"
 
     #: Whether ``forward`` may use the fused channel-gating node (GE-theta-minus with
     #: global extent, with a backward pass; as :attr:`SEBlock.fast_path
@@ -155,9 +152,8 @@ class GatherExciteBlock(AttentionBlock):
         bias: bool = True,
         init: Literal["default"] = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
         self.variant: str = check_choice(variant, "variant", _VARIANTS, owner=owner)
         parametric = self.variant != "theta_minus"
         self.extent = None if extent is None else check_positive_int(extent, "extent", owner=owner)
@@ -175,7 +171,7 @@ class GatherExciteBlock(AttentionBlock):
             self.channels, reduction, hidden_channels, owner=owner
         )
         check_bool(bias, "bias", owner=owner)
-        self.init = check_init(init, _INIT_MODES, owner=owner, identity_unavailable=_NO_IDENTITY)
+        self.init = self._check_init(init)
         # Per instance: a global gather gives a channel gate, a local one a spatial gate.
         self.has_channel_gate = self.extent is None
         self.has_spatial_map = self.extent is not None
@@ -251,15 +247,9 @@ class GatherExciteBlock(AttentionBlock):
             if module is not self and isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
                 module.reset_parameters()
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> None:
+        super()._check_input(x)
         owner = type(self).__name__
-        check_block_input(
-            x,
-            self.channels,
-            owner=owner,
-            spatial_dims=self.spatial_dims,
-            reason="its learned gather is made of 2D depthwise convolutions",
-        )
         if self.spatial_size is not None and tuple(x.shape[2:]) != self.spatial_size:
             raise InvalidInputError(
                 f"{owner} was built for {self.spatial_size[0]}x{self.spatial_size[1]} maps "
@@ -286,7 +276,9 @@ class GatherExciteBlock(AttentionBlock):
             # No positions (or no samples): nothing to gather, an empty gate. Pooling and
             # the gather's convolutions refuse empty maps, and BatchNorm must not count
             # an empty batch. (A global mean over no positions is NaN, as for SE.)
-            dtype = accumulation_dtype(x) if self.gather is None else next(self.parameters()).dtype
+            dtype = accumulation_dtype(x.dtype)
+            if self.gather is not None:
+                dtype = next(self.parameters()).dtype
             cells = self._gathered_size(tuple(x.shape[2:]))
             shape = x.shape[:2] if self.extent is None else (*x.shape[:2], *cells)
             return self.gate(x.new_empty(shape, dtype=dtype))
@@ -296,11 +288,11 @@ class GatherExciteBlock(AttentionBlock):
             else:
                 kernel = [min(self.extent, s) for s in x.shape[2:]]
                 context = _AVG_POOL[x.dim() - 2](
-                    x.to(accumulation_dtype(x)), kernel, self.extent, ceil_mode=True
+                    x.to(accumulation_dtype(x.dtype)), kernel, self.extent, ceil_mode=True
                 )
             return self.gate(context)
         weight = next(self.gather.parameters())
-        context = self.gather(to_dtype_of(x, weight))
+        context = self.gather(to_dtype(x, weight.dtype))
         if self.mlp is not None:
             context = self.mlp(context)
         if self.extent is None:
@@ -322,7 +314,7 @@ class GatherExciteBlock(AttentionBlock):
             :math:`(N, C)` for global extent; :math:`(N, C, *)` (the size of ``x``,
             after the nearest-neighbour excite) for a local extent.
         """
-        self._check(x)
+        self._check_input(x)
         gate = self._gathered_gate(x)
         if self.extent is None:
             return gate
@@ -345,17 +337,14 @@ class GatherExciteBlock(AttentionBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gather context, excite ``x`` with it."""
-        self._check(x)
-        fused = try_fused(self, x, self._pooled_gate)
+        self._check_input(x)
+        fused = self._fused_forward(x)
         if fused is not None:
-            out, gate = fused
-            self._emit_gate(gate)
-            return out
+            return fused
         gate = self._gathered_gate(x)
         if self.extent is None:
-            self._emit_gate(gate)
-            gate = gate.to(x.dtype).view(gate.shape + (1,) * (x.dim() - 2))
-        elif self.has_map_hooks:
+            return match_memory_format(self._apply_gate(x, gate), x)
+        if self.has_map_hooks:
             gate = self._upsample(gate, self.extent, x.shape[2:])
             self._emit_map(gate)
             gate = gate.to(x.dtype)

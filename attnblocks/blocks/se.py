@@ -11,27 +11,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import (
-    check_bool,
-    check_feature_map,
-    check_positive_int,
-    check_positive_number,
-    check_reduction,
-)
+from attnblocks._validation import check_bool
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._fused_gate import PooledGate, try_fused
-from attnblocks.blocks._identity import identity_gate_scale, zero_output_mlp_
+from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
-from attnblocks.blocks._ops import global_avg_pool_for
-from attnblocks.blocks._options import check_init
+from attnblocks.blocks._ops import global_avg_pool_for, to_dtype
+from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import mlp_dtype, mlp_gate
 
 __all__ = ["SEBlock", "se_hidden_channels"]
 
 InitMode = Literal["default", "identity"]
-_INIT_MODES = ("default", "identity")
 
 
 def se_hidden_channels(channels: int, reduction: float) -> int:
@@ -47,7 +38,7 @@ def se_hidden_channels(channels: int, reduction: float) -> int:
 
     ``reduction`` must be at least ``1 / 64`` (a hidden layer at most 64 times as wide).
     """
-    return max(1, int(channels / check_reduction(reduction, owner="SEBlock")))
+    return hidden_width(channels, reduction, None, owner="SEBlock")[1]
 
 
 @register_block("se")
@@ -125,7 +116,7 @@ class SEBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = True
+    init_modes = ("default", "identity")
 
     #: Whether ``forward`` may use the fused implementation
     #: (``attnblocks.blocks._fused_gate``) when there is something to differentiate: one
@@ -152,43 +143,24 @@ class SEBlock(AttentionBlock):
         bias: bool = True,
         init: InitMode = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(channels)
         owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
-        self.reduction = check_positive_number(reduction, "reduction", owner=owner)
-        if hidden_channels is None:
-            self.hidden_channels = se_hidden_channels(self.channels, self.reduction)
-        else:
-            self.hidden_channels = check_positive_int(
-                hidden_channels, "hidden_channels", owner=owner
-            )
-        check_bool(bias, "bias", owner=owner)
-        self.init = check_init(init, _INIT_MODES, owner=owner)
-        if self.init == "identity" and not bias:
-            raise InvalidArgumentError(
-                f"{owner}: init='identity' needs bias=True (the identity start is built "
-                "from the biases); got bias=False."
-            )
+        self.reduction, self.hidden_channels = hidden_width(
+            self.channels, reduction, hidden_channels, owner=owner
+        )
+        self.init = self._check_init(init, bias=check_bool(bias, "bias", owner=owner))
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
         self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
-        self.gate_scale = 1.0
-        if init == "identity":  # the Linear layers already hold PyTorch's default init
-            self._identity_init()
+        # The Linear layers already hold PyTorch's default initialisation.
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2))
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
-        self.gate_scale = 1.0
-        if self.init == "identity":
-            self._identity_init()
-
-    def _identity_init(self) -> None:
-        owner = type(self).__name__
-        zero_output_mlp_(self.fc1, self.act, self.fc2, owner=owner)
-        self.gate_scale = identity_gate_scale(self.gate, self.fc1.weight, owner=owner)
+        self._init_gates(mlp=(self.fc1, self.act, self.fc2))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the gate :math:`s` (eq. 3) the block would apply to ``x``.
@@ -200,7 +172,7 @@ class SEBlock(AttentionBlock):
             A tensor of shape :math:`(N, C)` (times ``gate_scale``, 1 unless
             ``init="identity"``).
         """
-        check_feature_map(x, self.channels, owner=type(self).__name__)
+        self._check_input(x)
         return self._excitation(x)
 
     def _excitation(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,31 +183,20 @@ class SEBlock(AttentionBlock):
         weight_dtype = fc1.weight.dtype
         # The dtype fc1 computes in: its weights', or autocast's for an nn.Linear.
         compute = mlp_dtype(weight_dtype, x.device.type) if type(fc1) is nn.Linear else weight_dtype
-        squeezed = global_avg_pool_for(x, compute)
-        if squeezed.dtype != weight_dtype:  # autocast, if on, casts inside the Linear
-            squeezed = squeezed.to(weight_dtype)
+        # To the weights' dtype: autocast, if on, casts inside the Linear.
+        squeezed = to_dtype(global_avg_pool_for(x, compute), weight_dtype)
         gate = modules["gate"](modules["fc2"](modules["act"](fc1(squeezed))))  # type: ignore[misc]
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
-        return gate
+        return self._scale(gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Re-weight the channels of ``x`` by the excitation gate (eq. 4)."""
-        check_feature_map(x, self.channels, owner=type(self).__name__)
-        # The fused node only pays off in the backward pass (try_fused returns None
-        # without one). With nothing to differentiate the submodules run as they are:
-        # the same tensor operations, and measured about 20 us per call faster than the
-        # fused forward with cold caches, as inside a network (bench_se.py --cache cold).
-        fused = try_fused(self, x, self._pooled_gate)
-        if fused is not None:
-            out, gate = fused
-            self._emit_gate(gate)
-            return out
-        gate = self._excitation(x)
-        self._emit_gate(gate)
-        if gate.dtype != x.dtype:
-            gate = gate.to(x.dtype)
-        return x * gate.view(gate.shape + (1,) * (x.dim() - 2))
+        self._check_input(x)
+        # The fused node only pays off in the backward pass (it is not used without
+        # one). With nothing to differentiate the submodules run as they are: the same
+        # tensor operations, and measured about 20 us per call faster than the fused
+        # forward with cold caches, as inside a network (bench_se.py --cache cold).
+        fused = self._fused_forward(x)
+        return self._apply_gate(x, self._excitation(x)) if fused is None else fused
 
     def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
         """The excitation as the fused node computes it (``None``: call the submodules)."""

@@ -13,15 +13,9 @@ from typing import Literal
 
 import torch
 
-from attnblocks._validation import check_positive_int, check_positive_number
+from attnblocks._validation import check_positive_number
 from attnblocks.blocks._base import AttentionBlock
-from attnblocks.blocks._ops import (
-    accumulation_dtype,
-    check_block_input,
-    match_memory_format,
-    spatial_dims_of,
-)
-from attnblocks.blocks._options import check_init
+from attnblocks.blocks._ops import accumulation_dtype, match_memory_format, spatial_dims_of
 from attnblocks.blocks._registry import register_block
 
 __all__ = ["SimAMBlock"]
@@ -87,26 +81,16 @@ class SimAMBlock(AttentionBlock):
         True
     """
 
-    supports_identity_init = False
     identity_init_unavailable = _NO_IDENTITY
     has_channel_gate = False
     has_spatial_map = True
-    #: The numbers of spatial dimensions the block accepts.
-    spatial_dims: tuple[int, ...] = (1, 2, 3)
 
     def __init__(
         self, channels: int, *, lambda_: float = 1e-4, init: Literal["default"] = "default"
     ) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        self.channels = check_positive_int(channels, "channels", owner=owner)
-        self.lambda_ = check_positive_number(lambda_, "lambda_", owner=owner)
-        self.init = check_init(init, ("default",), owner=owner, identity_unavailable=_NO_IDENTITY)
-
-    def _check(self, x: object) -> None:
-        check_block_input(
-            x, self.channels, owner=type(self).__name__, spatial_dims=self.spatial_dims
-        )
+        super().__init__(channels)
+        self.lambda_ = check_positive_number(lambda_, "lambda_", owner=type(self).__name__)
+        self.init = self._check_init(init)
 
     def _attention(self, xf: torch.Tensor) -> torch.Tensor:
         """``sigmoid(1/E)`` for ``xf``, already in the accumulation dtype."""
@@ -124,8 +108,8 @@ class SimAMBlock(AttentionBlock):
             A tensor shaped like ``x``, in float32 for half inputs (else in ``x``'s
             dtype), with values in :math:`[\text{sigmoid}(1/2), 1]`.
         """
-        self._check(x)
-        return self._attention(x.to(accumulation_dtype(x)))
+        self._check_input(x)
+        return self._attention(x.to(accumulation_dtype(x.dtype)))
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
         """The same as :meth:`attention_map`, under the name every spatial block shares."""
@@ -133,8 +117,8 @@ class SimAMBlock(AttentionBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight every activation of ``x`` by :math:`\\text{sigmoid}(1/e_t^*)`."""
-        self._check(x)
-        xf = x.to(accumulation_dtype(x))  # a float32 copy for half types only
+        self._check_input(x)
+        xf = x.to(accumulation_dtype(x.dtype))  # a float32 copy for half types only
         weights = self._attention(xf)
         self._emit_map(weights)
         return match_memory_format((xf * weights).to(x.dtype), x)

@@ -27,6 +27,7 @@ from typing import Literal
 from torch import nn
 
 from attnblocks._errors import SurgeryError
+from attnblocks._torch_compat import remove_forward_hook
 
 __all__ = [
     "ApplyChild",
@@ -159,9 +160,7 @@ def detach_block(host: nn.Module, attr: str) -> nn.Module | None:
         if isinstance(hook, ApplyChild) and hook.attr == attr
     ]
     for hook_id in stale:
-        del host._forward_hooks[hook_id]
-        host._forward_hooks_with_kwargs.pop(hook_id, None)
-        host._forward_hooks_always_called.pop(hook_id, None)
+        remove_forward_hook(host, hook_id)
     if _MARKER in host.__dict__ and not marker:
         del host.__dict__[_MARKER]
     if attr in host._modules and host._modules[attr] is None:  # `host.<attr> = None`
