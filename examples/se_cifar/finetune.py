@@ -24,12 +24,12 @@ from se_cifar.ema import WeightEMA
 from se_cifar.engine import (
     EvalResult,
     Interrupted,
+    Trainer,
     _save,
     _seed_of,
     _Stop,
     _StopRequest,
     autocast_dtype,
-    evaluate,
     make_augment,
     make_scheduler,
     train_step,
@@ -223,19 +223,6 @@ def finetune_run(
     state = FineTuneState()
     aug_state: torch.Tensor | None = None
 
-    def run_eval(net: nn.Module, keep_logits: bool = False) -> EvalResult:
-        result = evaluate(
-            net,
-            test,
-            augment,
-            device,
-            amp=amp,
-            channels_last=recipe.channels_last,
-            test_flip=recipe.test_flip,
-            keep_logits=keep_logits,
-        )
-        return result
-
     if checkpoint.exists():
         blob = torch.load(checkpoint, weights_only=False, map_location="cpu")
         model.load_state_dict(blob["model"])
@@ -251,22 +238,21 @@ def finetune_run(
     if ema is not None and checkpoint.exists():
         ema.load_state_dict(blob["ema"])
 
+    trainer = Trainer(
+        model=model,
+        net=model,
+        recipe=recipe,
+        seed=seed,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        augment=augment,
+        amp=amp,
+        device=device,
+    )
+
     def snapshot(aug_gen: torch.Generator | None) -> None:
-        _save(
-            checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "torch_rng": torch.get_rng_state(),
-                "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "recipe": recipe.to_dict(),
-                "arm": arm.name,
-                "seed": seed,
-            },
-        )
+        _save(checkpoint, trainer.checkpoint(state, aug_gen, arm=arm.name))
 
     def record(result: EvalResult) -> None:
         sums = state.sums or {"loss": 0.0, "seen": 0.0}
@@ -290,7 +276,7 @@ def finetune_run(
 
     if not state.history:  # step 0: the retrofitted model before any update
         torch.manual_seed(_seed_of(seed, 1, 0))  # the dropout stream
-        result = run_eval(model, keep_logits=True)
+        result = trainer.evaluate(test, model, keep_logits=True)
         if result.logits is None or reference.logits is None:
             raise ValueError("finetune_run: the reference evaluation needs keep_logits=True.")
         state.check = {
@@ -365,7 +351,7 @@ def finetune_run(
             state.train_time_s += time.perf_counter() - tick
             state.sums = sums
             if state.step in points:
-                record(run_eval(model if ema is None else ema.shadow))
+                record(trainer.evaluate(test))
             if state.step >= total:
                 state.complete = True
                 if ema is not None:
