@@ -40,6 +40,7 @@ from se_cifar.engine import (
 from se_cifar.models import MODELS, build_model, count_parameters, valid_arms
 from se_cifar.progress import progress_factory
 from se_cifar.recipes import RECIPES, Recipe, get_recipe, parse_setting
+from se_cifar.rundir import new_run_dir, resume_hint, saved_args
 from se_cifar.stats import comparisons
 from se_cifar.summary import arm_summary, metrics_rows, print_summary, seed_record, write_csv
 
@@ -270,10 +271,7 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     """Create the run folder, or reopen it for --resume; never clobber without --overwrite."""
     if args.resume:
         run_dir = Path(args.resume)
-        config = run_dir / "config.json"
-        if not config.exists():
-            raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
-        saved = json.loads(config.read_text())["args"]
+        saved = saved_args(run_dir)
         saved.setdefault("model", "tutorial")  # run folders from before --model
         for key in SAVED_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key, None)))
@@ -286,17 +284,7 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     run_dir = (
         Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(
-            f"run folder {run_dir} exists and is not empty; pass --overwrite to reuse it, "
-            f"--resume {run_dir} to continue it, or choose another --out."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        for stale in ("checkpoints", "figures"):
-            for f in (run_dir / stale).glob("*"):
-                f.unlink()
-    return run_dir
+    return new_run_dir(run_dir, overwrite=args.overwrite, stale=("checkpoints", "figures"))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -549,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as err:
         if rank == 0:
-            print(
-                f"\n{err}; a checkpoint was written. Continue with:\n"
-                f"  python {sys.argv[0]} --resume {args.run_dir}",
-                file=sys.stderr,
-            )
+            print(resume_hint(err, args.run_dir), file=sys.stderr)
         return 130
     finally:
         if world > 1:

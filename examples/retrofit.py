@@ -40,6 +40,7 @@ from se_cifar.finetune import ARMS, attention_blocks, build_arm, finetune_run
 from se_cifar.models import TutorialCNN
 from se_cifar.progress import progress_factory
 from se_cifar.recipes import Recipe, parse_setting
+from se_cifar.rundir import new_run_dir, resume_hint, saved_args
 from se_cifar.stats import compare, mean_std
 from se_cifar.summary import write_csv
 
@@ -181,26 +182,14 @@ def load_base(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def prepare_run_dir(args: argparse.Namespace) -> Path:
     if args.resume:
         run_dir = Path(args.resume)
-        config = run_dir / "config.json"
-        if not config.exists():
-            raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
-        saved = json.loads(config.read_text())["args"]
+        saved = saved_args(run_dir)
         for key in SAVED:
             setattr(args, key, saved[key])
         args.early = tuple(args.early)
         args.arm_list = args.arms.split(",")
         return run_dir
     run_dir = Path(args.out or f"runs/retrofit-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(
-            f"run folder {run_dir} exists and is not empty; pass --overwrite, "
-            f"--resume {run_dir}, or another --out."
-        )
-    if args.overwrite:
-        for stale in run_dir.glob("checkpoints/*"):
-            stale.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return new_run_dir(run_dir, overwrite=args.overwrite, stale=("checkpoints",))
 
 
 def save_attention_file(model: torch.nn.Module, directory: Path) -> Path:
@@ -693,11 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(
-            f"\n{err}; a checkpoint was written. Continue with:\n"
-            f"  python {sys.argv[0]} --resume {args.run_dir}",
-            file=sys.stderr,
-        )
+        print(resume_hint(err, args.run_dir), file=sys.stderr)
         return 130
 
 

@@ -17,6 +17,7 @@ from se_cifar import ema as ema_module
 from se_cifar import engine as engine_module
 from se_cifar import progress as progress_module
 from se_cifar import recipes as recipes_module
+from se_cifar import rundir as rundir_module
 from se_cifar import summary as summary_module
 from se_cifar.data import load_cifar10
 from se_cifar.ema import WeightEMA
@@ -32,10 +33,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cifar_example.make_image_folder(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [ema_module, recipes_module, engine_module, summary_module, progress_module, cifar10_se],
-)
+EXAMPLE_MODULES = [ema_module, recipes_module, engine_module, summary_module, progress_module]
+
+
+@pytest.mark.parametrize("module", [*EXAMPLE_MODULES, rundir_module, cifar10_se])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0

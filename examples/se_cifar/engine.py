@@ -294,9 +294,9 @@ class Trainer:
         optimizer: the optimiser over ``model``'s trained parameters.
         scheduler: the learning-rate scheduler of ``optimizer``.
         ema: the moving average of the weights, or None.
-        augment: the recipe's augmentation (and test-time normalisation).
-        amp: the autocast dtype, or None for float32.
         device: where to train.
+        augment: the recipe's augmentation (and test-time normalisation).
+        amp: the recipe's autocast dtype on ``device``, or None for float32.
     """
 
     model: nn.Module
@@ -306,9 +306,13 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: WeightEMA | None
-    augment: Augment
-    amp: torch.dtype | None
     device: torch.device
+    augment: Augment = field(init=False)
+    amp: torch.dtype | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.augment = make_augment(self.recipe)
+        self.amp = autocast_dtype(self.recipe.precision, self.device)
 
     def checkpoint(
         self, state: Any, aug_gen: torch.Generator | None, **extra: Any
@@ -424,8 +428,6 @@ def train_run(
         world_size: the number of processes.
     """
     session_start = time.perf_counter()
-    amp = autocast_dtype(recipe.precision, device)
-    augment = make_augment(recipe)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -438,18 +440,7 @@ def train_run(
     ema = WeightEMA(model, recipe.ema) if recipe.ema > 0 else None
     steps_per_epoch = math.ceil(len(train) // world_size / recipe.batch_size)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
-    trainer = Trainer(
-        model=model,
-        net=net,
-        recipe=recipe,
-        seed=seed,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        ema=ema,
-        augment=augment,
-        amp=amp,
-        device=device,
-    )
+    trainer = Trainer(model, net, recipe, seed, optimizer, scheduler, ema, device)
     state = RunState()
     torch.manual_seed(_seed_of(seed, 1, rank))  # dropout: a different stream per process
     aug_state: torch.Tensor | None = None

@@ -29,8 +29,6 @@ from se_cifar.engine import (
     _seed_of,
     _Stop,
     _StopRequest,
-    autocast_dtype,
-    make_augment,
     make_scheduler,
     train_step,
 )
@@ -203,8 +201,6 @@ def finetune_run(
     (and, at the end, returned) weights are the moving average's. A checkpoint is
     written after every epoch and on Ctrl-C (then :class:`Interrupted` is raised).
     """
-    amp = autocast_dtype(recipe.precision, device)
-    augment = make_augment(recipe)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -238,18 +234,7 @@ def finetune_run(
     if ema is not None and checkpoint.exists():
         ema.load_state_dict(blob["ema"])
 
-    trainer = Trainer(
-        model=model,
-        net=model,
-        recipe=recipe,
-        seed=seed,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        ema=ema,
-        augment=augment,
-        amp=amp,
-        device=device,
-    )
+    trainer = Trainer(model, model, recipe, seed, optimizer, scheduler, ema, device)
 
     def snapshot(aug_gen: torch.Generator | None) -> None:
         _save(checkpoint, trainer.checkpoint(state, aug_gen, arm=arm.name))
@@ -319,7 +304,7 @@ def finetune_run(
                     index = order[(step - epoch * steps_per_epoch) * recipe.batch_size :][
                         : recipe.batch_size
                     ]
-                    x = augment(images[index], aug_gen, train=True)
+                    x = trainer.augment(images[index], aug_gen, train=True)
                     if recipe.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     loss, _ = train_step(
@@ -327,7 +312,7 @@ def finetune_run(
                         optimizer,
                         x,
                         labels[index],
-                        amp=amp,
+                        amp=trainer.amp,
                         label_smoothing=recipe.label_smoothing,
                     )
                     scheduler.step()

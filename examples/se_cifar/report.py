@@ -7,7 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -261,21 +261,32 @@ def _feature_figures(
             ),
             f"feature_maps_{arm}_{j}",
         )
-    save(
-        plot.channel_heatmaps(
-            images[0],
-            features["conv3"],
-            k=3,
-            rank_by="activation",
-            index=0,
-            upsample="bilinear",
-            mean=CIFAR10_MEAN,
-            std=CIFAR10_STD,
-            layer=f"{arm} conv3",
-        ),
-        f"heatmap_activation_{arm}",
-    )
+    save(_channel_heatmaps(arm, shown, features, "activation"), f"heatmap_activation_{arm}")
     return features
+
+
+def _channel_heatmaps(
+    arm: str,
+    shown: _Shown,
+    features: dict[str, torch.Tensor],
+    rank_by: Literal["activation", "gate"],
+    gate: torch.Tensor | None = None,
+) -> Any:
+    """The first shown image's top 3 channels of the last feature map, ranked by ``rank_by``."""
+    import attnblocks.plot as plot
+
+    return plot.channel_heatmaps(
+        shown.images[0],
+        features["conv3"],
+        k=3,
+        rank_by=rank_by,
+        gate=gate,
+        index=0,
+        upsample="bilinear",
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        layer=f"{arm} conv3",
+    )
 
 
 def _spatial_map_figure(save: _Saver, arm: str, model: nn.Module, shown: _Shown) -> None:
@@ -310,21 +321,7 @@ def _gate_figures(
     if not last:
         return
     test, all_x, classes = shown.test, shown.all_x, shown.test.classes
-    save(
-        plot.channel_heatmaps(
-            shown.images[0],
-            features["conv3"],
-            k=3,
-            rank_by="gate",
-            gate=last[0],
-            index=0,
-            upsample="bilinear",
-            mean=CIFAR10_MEAN,
-            std=CIFAR10_STD,
-            layer=f"{arm} conv3",
-        ),
-        f"heatmap_gate_{arm}",
-    )
+    save(_channel_heatmaps(arm, shown, features, "gate", last[0]), f"heatmap_gate_{arm}")
     batches = [(all_x[i : i + 500], test.labels[i : i + 500]) for i in range(0, len(test), 500)]
     stats = inspect.gate_statistics(model, batches, num_classes=len(classes))
     shown_classes = list(range(min(4, len(classes))))
