@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import platform
 import sys
+from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,14 @@ from torch import nn
 
 import attnblocks
 
-__all__ = ["TutorialSE", "describe_machine", "keep_freed_memory", "timm_twins"]
+__all__ = [
+    "TutorialSE",
+    "add_malloc_option",
+    "describe_machine",
+    "keep_freed_memory",
+    "set_up_malloc",
+    "timm_twins",
+]
 
 
 class TutorialSE(nn.Module):
@@ -58,6 +66,21 @@ def keep_freed_memory() -> str:
     if _mallopt_keep():
         return "malloc: glibc keeps freed memory (mmap threshold 32 MiB, no trimming)"
     return "malloc: default (glibc's mallopt is not available here)"
+
+
+def add_malloc_option(parser: ArgumentParser) -> None:
+    """``--malloc default|keep``: whether to call :func:`keep_freed_memory` first."""
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
+    )
+
+
+def set_up_malloc(args: Namespace) -> str:
+    """Apply ``--malloc``; returns the header's words for it."""
+    return keep_freed_memory() if args.malloc == "keep" else "malloc: default"
 
 
 def _mallopt_keep() -> bool:
