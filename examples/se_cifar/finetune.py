@@ -123,7 +123,9 @@ def trainable_parameters(model: nn.Module, arm: Arm) -> tuple[list[nn.Parameter]
     from attnblocks import freeze_except_attention
 
     trainable = freeze_except_attention(model)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms: list[nn.Module] = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     return trainable, norms
 
 

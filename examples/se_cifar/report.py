@@ -372,7 +372,11 @@ def _figures(
         _confusion_figure(save, arm, model, shown)
         features = _feature_figures(save, arm, model, shown, feature_sites)
         cams[arm] = inspect.grad_cam(
-            model, shown.images, shown.targets, cam_site, size=tuple(shown.images.shape[-2:])
+            model,
+            shown.images,
+            shown.targets,
+            cam_site,
+            size=(shown.images.shape[-2], shown.images.shape[-1]),
         )
         if _has(model, "has_spatial_map"):
             _spatial_map_figure(save, arm, model, shown)
