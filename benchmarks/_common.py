@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import sys
+from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import attnblocks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from se_cifar.system import keep_freed_memory as _keep_freed_memory
-
-__all__ = ["TutorialSE", "describe_machine", "keep_freed_memory", "timm_twins"]
+__all__ = [
+    "TutorialSE",
+    "add_malloc_option",
+    "describe_machine",
+    "keep_freed_memory",
+    "set_up_malloc",
+    "timm_twins",
+]
 
 
 class TutorialSE(nn.Module):
@@ -50,15 +56,46 @@ def keep_freed_memory() -> str:
     mmap) is handed back to the kernel, and the next allocation of that size page-faults
     on every 4 KiB page it touches; on this VM that costs more than reading the tensor.
     Which calls pay it depends on what was allocated before, so it adds noise that has
-    nothing to do with the code being timed. The setting itself lives with the example
-    (``examples/se_cifar/system.py``), which uses it for training.
+    nothing to do with the code being timed. The mmap threshold is raised to its maximum
+    (32 MiB) and trimming is turned off, as the CIFAR-10 example does for training (the
+    benchmarks keep their own copy: they do not import the example).
 
     Returns:
         A line saying what was done.
     """
-    if _keep_freed_memory():
+    if _mallopt_keep():
         return "malloc: glibc keeps freed memory (mmap threshold 32 MiB, no trimming)"
     return "malloc: default (glibc's mallopt is not available here)"
+
+
+def add_malloc_option(parser: ArgumentParser) -> None:
+    """``--malloc default|keep``: whether to call :func:`keep_freed_memory` first."""
+    parser.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "keep"],
+        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
+    )
+
+
+def set_up_malloc(args: Namespace) -> str:
+    """Apply ``--malloc``; returns the header's words for it."""
+    return keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+
+
+def _mallopt_keep() -> bool:
+    """glibc ``mallopt``: mmap threshold 32 MiB, no trimming, 64 MiB top pad; False off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and M_TOP_PAD of glibc's <malloc.h>
+    settings = ((-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20))
+    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def describe_machine(extra: str) -> str:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import TutorialSE, describe_machine, keep_freed_memory, timm_twins
+from _common import TutorialSE, add_malloc_option, describe_machine, set_up_malloc, timm_twins
 from torch import nn
 
 import attnblocks
@@ -261,12 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "--no-insert-se", dest="insert_se", action="store_false", help="skip the insert_se timing"
     )
     parser.add_argument("--insert-se-repeats", type=int, default=3)
-    parser.add_argument(
-        "--malloc",
-        default="default",
-        choices=["default", "keep"],
-        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
-    )
+    add_malloc_option(parser)
     args = parser.parse_args(argv)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
@@ -282,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     _clock = CLOCKS[args.clock]
 
     torch.set_num_threads(args.threads)
-    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+    malloc = set_up_malloc(args)
     print(
         describe_machine(
             f"{args.rounds} rounds of {args.steps} steps, {malloc}, {args.clock} clock"

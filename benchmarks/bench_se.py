@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import TutorialSE, describe_machine, keep_freed_memory, timm_twins
+from _common import TutorialSE, add_malloc_option, describe_machine, set_up_malloc, timm_twins
 from torch import nn
 
 import attnblocks
@@ -385,12 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         help="'wall' (default): elapsed time; 'cpu': CPU time of the calling thread (use "
         "with --threads 1 on a busy machine)",
     )
-    parser.add_argument(
-        "--malloc",
-        default="default",
-        choices=["default", "keep"],
-        help="'keep': make glibc keep freed memory, taking page faults out of the timings",
-    )
+    add_malloc_option(parser)
     args = parser.parse_args(argv)
     if args.blocks == ["all"]:
         args.blocks = [b for b in attnblocks.available_blocks() if b != "se"]
@@ -409,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cache == "cold":
         cache = f"cold cache (flushed by writing {args.flush_mib} MiB before every timed call)"
     torch.set_num_threads(args.threads)
-    malloc = keep_freed_memory() if args.malloc == "keep" else "malloc: default"
+    malloc = set_up_malloc(args)
     both = ["contiguous", "channels_last"]
     formats = both if args.memory_format == "both" else [args.memory_format]
     modes = ["forward", "forward+backward"] if args.mode == "both" else [args.mode]

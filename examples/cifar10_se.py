@@ -18,18 +18,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from se_cifar.data import DataError, load_cifar10
+from se_cifar.data import DataError, Split, load_cifar10
 from se_cifar.engine import (
     Interrupted,
     autocast_dtype,
@@ -38,8 +38,11 @@ from se_cifar.engine import (
     train_run,
 )
 from se_cifar.models import MODELS, build_model, count_parameters, valid_arms
-from se_cifar.recipes import RECIPES, get_recipe, parse_setting
-from se_cifar.stats import comparisons, mean_std
+from se_cifar.progress import progress_factory
+from se_cifar.recipes import RECIPES, Recipe, get_recipe, parse_setting
+from se_cifar.rundir import new_run_dir, resume_hint, saved_args
+from se_cifar.stats import comparisons
+from se_cifar.summary import arm_summary, metrics_rows, print_summary, seed_record, write_csv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data = p.add_argument_group("data")
+    _data_options(p.add_argument_group("data"))
+    train = p.add_argument_group("training")
+    _arm_options(train)
+    _recipe_options(train)
+    _machine_options(train)
+    _run_options(p.add_argument_group("run folder"))
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _data_options(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--data-dir",
         default=None,
@@ -71,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="evaluate on N test images (default: all, or --subset/5 with --subset)",
     )
-    train = p.add_argument_group("training")
+
+
+def _arm_options(train: argparse._ArgumentGroup) -> None:
     train.add_argument(
         "--model",
         choices=list(MODELS),
@@ -104,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--seeds", type=int, default=1, help="seeds per arm (default: 1)")
     train.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+
+
+def _recipe_options(train: argparse._ArgumentGroup) -> None:
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     train.add_argument("--batch-size", type=int, default=None, help="override the batch size")
     train.add_argument("--lr", type=float, default=None, help="override the learning rate")
@@ -147,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="test accuracies (%%) whose time to reach is reported (default: 81.4,84.7, "
         "or 90 with --model resnet20)",
     )
+
+
+def _machine_options(train: argparse._ArgumentGroup) -> None:
     train.add_argument(
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
@@ -164,7 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
-    run = p.add_argument_group("run folder")
+
+
+def _run_options(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
     run.add_argument(
@@ -186,7 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="plain log lines instead of progress bars (for CI)",
     )
-    args = p.parse_args(argv)
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Normalise the arms, fill the model's default recipe and targets, refuse bad values."""
     arms = [a.strip().lower() for a in args.arms.split(",") if a.strip()]
     arms += [b.lower() for b in args.block if b.lower() not in arms]
     valid = valid_arms()
@@ -213,7 +240,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    return args
 
 
 # --- run folder --------------------------------------------------------------------------------
@@ -245,10 +271,7 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     """Create the run folder, or reopen it for --resume; never clobber without --overwrite."""
     if args.resume:
         run_dir = Path(args.resume)
-        config = run_dir / "config.json"
-        if not config.exists():
-            raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
-        saved = json.loads(config.read_text())["args"]
+        saved = saved_args(run_dir)
         saved.setdefault("model", "tutorial")  # run folders from before --model
         for key in SAVED_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key, None)))
@@ -261,17 +284,7 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     run_dir = (
         Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(
-            f"run folder {run_dir} exists and is not empty; pass --overwrite to reuse it, "
-            f"--resume {run_dir} to continue it, or choose another --out."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        for stale in ("checkpoints", "figures"):
-            for f in (run_dir / stale).glob("*"):
-                f.unlink()
-    return run_dir
+    return new_run_dir(run_dir, overwrite=args.overwrite, stale=("checkpoints", "figures"))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -282,25 +295,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _progress_factory(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm
 
 
 # --- torchrun -----------------------------------------------------------------------------------
@@ -336,16 +330,23 @@ def _broadcast(value: Any, world: int) -> Any:
 # --- main ----------------------------------------------------------------------------------------
 
 
-def train_all(
-    args: argparse.Namespace,
-    run_dir: Path,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    device: torch.device | None = None,
-) -> dict[str, Any]:
-    """Train every arm and seed; rank 0 writes config, metrics, summary and checkpoints."""
-    device = device or pick_device(args.device)
+@dataclass
+class _Setup:
+    """What every arm and seed of a run shares: the recipe, the data and where to train."""
+
+    recipe: Recipe
+    amp: torch.dtype | None
+    device: torch.device
+    train: Split
+    test: Split
+    data_s: float  # time to load the data
+
+
+def _setup(
+    args: argparse.Namespace, run_dir: Path, rank: int, world: int, device: torch.device
+) -> tuple[_Setup, dict[str, Any]]:
+    """The recipe (flags over ``--set`` over the named recipe) and the data; rank 0 writes
+    config.json. Returns the set-up and the summary's header."""
     lead = rank == 0
     say: Any = print if lead else (lambda *_, **__: None)
     flags = {
@@ -357,7 +358,6 @@ def train_all(
         "ema": args.ema,
         "compile": args.compile,
     }
-    # --set KEY=VALUE first, then the dedicated flags (which win when both are given)
     recipe = get_recipe(args.recipe, **{**args.settings, **_given(flags)})
     amp = autocast_dtype(recipe.precision, device)
     env = {**environment(device), "world_size": world}
@@ -391,8 +391,7 @@ def train_all(
         f"{recipe.optimizer} lr {recipe.lr}, precision {recipe.precision} "
         f"({amp or torch.float32}), channels_last {recipe.channels_last}, device {device}"
     )
-    progress = _progress_factory(lead and not args.no_progress)
-    summary: dict[str, Any] = {
+    header = {
         "model": args.model,
         "recipe": recipe.to_dict(),
         "environment": env,
@@ -403,8 +402,24 @@ def train_all(
             "test": len(test),
             "classes": train.classes,
         },
-        "arms": {},
     }
+    return _Setup(recipe, amp, device, train, test, data_s), header
+
+
+def train_all(
+    args: argparse.Namespace,
+    run_dir: Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train every arm and seed; rank 0 writes config, metrics, summary and checkpoints."""
+    lead = rank == 0
+    say: Any = print if lead else (lambda *_, **__: None)
+    setup, header = _setup(args, run_dir, rank, world, device or pick_device(args.device))
+    progress = progress_factory(lead and not args.no_progress)
+    summary: dict[str, Any] = {**header, "arms": {}}
     metrics: list[dict[str, Any]] = []
     iterations: list[dict[str, Any]] = []
     for arm in args.arm_list:
@@ -412,18 +427,18 @@ def train_all(
         params = 0
         for seed in range(args.seed, args.seed + args.seeds):
             torch.manual_seed(seed)
-            model = build_model(arm, model=args.model, num_classes=len(train.classes))
+            model = build_model(arm, model=args.model, num_classes=len(setup.train.classes))
             params = count_parameters(model)
             say(f"[{arm} seed {seed}] {params:,} parameters")
             ckpt = run_dir / "checkpoints" / f"{arm}-seed{seed}.pt"
             start = time.perf_counter()
             model, state = train_run(
                 model,
-                recipe=recipe,
+                recipe=setup.recipe,
                 seed=seed,
-                train=train,
-                test=test,
-                device=device,
+                train=setup.train,
+                test=setup.test,
+                device=setup.device,
                 checkpoint=ckpt,
                 progress=progress,
                 log=lambda line, arm=arm, seed=seed: say(f"[{arm} seed {seed}] {line}"),
@@ -435,44 +450,29 @@ def train_all(
                 continue
             latency = {
                 f"batch{bs}": measure_latency(
-                    model, device, batch_size=bs, amp=amp, channels_last=recipe.channels_last
+                    model,
+                    setup.device,
+                    batch_size=bs,
+                    amp=setup.amp,
+                    channels_last=setup.recipe.channels_last,
                 )
                 for bs in (1, 256)
             }
-            for row in state.history:
-                metrics.append({"arm": arm, "seed": seed, **row})
-            for epoch, step, loss in state.iterations:
-                iterations.append(
-                    {"arm": arm, "seed": seed, "epoch": epoch + 1, "step": step, "loss": loss}
-                )
-            accs = [r["test_acc"] for r in state.history]
-            arm_runs.append(
-                {
-                    "seed": seed,
-                    "final_test_acc": accs[-1],
-                    "best_test_acc": max(accs),
-                    "best_epoch": accs.index(max(accs)) + 1,
-                    "epochs": len(accs),
-                    "epoch_time_s": mean_std([r["epoch_time_s"] for r in state.history])[0],
-                    "train_time_s": sum(r["epoch_time_s"] for r in state.history),
-                    "wall_time_s_this_session": wall,
-                    "train_images_per_s": mean_std([r["images_per_s"] for r in state.history])[0],
-                    "latency": latency,
-                    "time_to_accuracy": time_to_accuracy(state.history, args.target_list, data_s),
-                    "checkpoint": str(ckpt.relative_to(run_dir)),
-                }
+            epoch_rows, step_rows = metrics_rows(arm, seed, state)
+            metrics += epoch_rows
+            iterations += step_rows
+            record = seed_record(
+                seed,
+                state.history,
+                wall_s=wall,
+                latency=latency,
+                targets=args.target_list,
+                data_s=setup.data_s,
+                checkpoint=str(ckpt.relative_to(run_dir)),
             )
-        if not lead:
-            continue
-        finals = [r["final_test_acc"] for r in arm_runs]
-        mean, std = mean_std(finals)
-        summary["arms"][arm] = {
-            "params": params,
-            "runs": arm_runs,
-            "final_test_acc_mean": mean,
-            "final_test_acc_std": std,
-            "best_test_acc_mean": mean_std([r["best_test_acc"] for r in arm_runs])[0],
-        }
+            arm_runs.append(record)
+        if lead:
+            summary["arms"][arm] = arm_summary(params, arm_runs)
     summary.update(comparisons(summary["arms"]))
     if lead:
         write_csv(run_dir / "metrics.csv", metrics)
@@ -482,78 +482,12 @@ def train_all(
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v is not None}
+    """The options that were given (not None).
 
-
-def time_to_accuracy(
-    history: list[dict[str, Any]], targets: list[float], data_s: float
-) -> dict[str, dict[str, float] | None]:
-    """For each target accuracy, the first epoch that reached it and the wall time until then.
-
-    The time is all included: data loading (``data_s``, once per process) plus the
-    run's ``elapsed_s`` at the end of that epoch's evaluation (model set-up,
-    training, every evaluation). ``None`` when the run never reached the target.
-
-    >>> rows = [{"epoch": 1, "test_acc": 0.5, "elapsed_s": 10.0},
-    ...         {"epoch": 2, "test_acc": 0.82, "elapsed_s": 21.0}]
-    >>> time_to_accuracy(rows, [0.814, 0.847], 2.0)
-    {'81.4': {'epoch': 2, 'seconds': 23.0}, '84.7': None}
+    >>> _given({"epochs": 3, "lr": None})
+    {'epochs': 3}
     """
-    out: dict[str, dict[str, float] | None] = {}
-    for target in targets:
-        hit = next((r for r in history if r["test_acc"] >= target - 1e-12), None)
-        key = f"{100 * target:g}"
-        if hit is None or "elapsed_s" not in hit:
-            out[key] = None
-        else:
-            out[key] = {"epoch": hit["epoch"], "seconds": data_s + hit["elapsed_s"]}
-    return out
-
-
-def _targets_of(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, float]], int]]:
-    targets: list[str] = []
-    for run in runs:
-        targets += [t for t in run.get("time_to_accuracy", {}) if t not in targets]
-    return [
-        (
-            t,
-            [r["time_to_accuracy"][t] for r in runs if r.get("time_to_accuracy", {}).get(t)],
-            len(runs),
-        )
-        for t in targets
-    ]
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    print("\narm        params     final test acc (mean +/- std)  best    s/epoch")
-    for arm, info in summary["arms"].items():
-        runs = info["runs"]
-        print(
-            f"{arm:9s} {info['params']:>9,}   {100 * info['final_test_acc_mean']:6.2f} +/- "
-            f"{100 * info['final_test_acc_std']:.2f} % (n={len(runs)})       "
-            f"{100 * info['best_test_acc_mean']:6.2f}  "
-            f"{mean_std([r['epoch_time_s'] for r in runs])[0]:7.1f}"
-        )
-    for arm, info in summary["arms"].items():
-        parts = []
-        for target, hits, n in _targets_of(info["runs"]):
-            if hits:
-                secs = mean_std([h["seconds"] for h in hits])[0]
-                parts.append(f"{target} % in {secs:.0f} s ({len(hits)}/{n} runs)")
-            else:
-                parts.append(f"{target} % not reached")
-        if parts:
-            print(f"{arm}: time to accuracy, all included: " + "; ".join(parts))
-    for arm, comp in summary.get("comparisons", {}).items():
-        ci = (
-            "n/a"
-            if comp["ci_low"] is None
-            else f"[{100 * comp['ci_low']:+.2f}, {100 * comp['ci_high']:+.2f}]"
-        )
-        print(
-            f"{arm} - baseline: {100 * comp['difference']:+.2f} points, 95% CI {ci} "
-            f"({comp['note']})"
-        )
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -603,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as err:
         if rank == 0:
-            print(
-                f"\n{err}; a checkpoint was written. Continue with:\n"
-                f"  python {sys.argv[0]} --resume {args.run_dir}",
-                file=sys.stderr,
-            )
+            print(resume_hint(err, args.run_dir), file=sys.stderr)
         return 130
     finally:
         if world > 1:

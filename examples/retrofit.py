@@ -38,8 +38,11 @@ from se_cifar.data import DataError, load_cifar10
 from se_cifar.engine import EvalResult, Interrupted, autocast_dtype, evaluate, make_augment
 from se_cifar.finetune import ARMS, attention_blocks, build_arm, finetune_run
 from se_cifar.models import TutorialCNN
+from se_cifar.progress import progress_factory
 from se_cifar.recipes import Recipe, parse_setting
+from se_cifar.rundir import new_run_dir, resume_hint, saved_args
 from se_cifar.stats import compare, mean_std
+from se_cifar.summary import write_csv
 
 #: The fine-tune measured in examples/README.md: one epoch of the base recipe's one-cycle
 #: schedule at a peak lr of 0.01 (tuned on the control arm, seed 99: 0.01 -> 84.89 %,
@@ -179,36 +182,14 @@ def load_base(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def prepare_run_dir(args: argparse.Namespace) -> Path:
     if args.resume:
         run_dir = Path(args.resume)
-        config = run_dir / "config.json"
-        if not config.exists():
-            raise SystemExit(f"--resume {run_dir}: no config.json there; is it a run folder?")
-        saved = json.loads(config.read_text())["args"]
+        saved = saved_args(run_dir)
         for key in SAVED:
             setattr(args, key, saved[key])
         args.early = tuple(args.early)
         args.arm_list = args.arms.split(",")
         return run_dir
     run_dir = Path(args.out or f"runs/retrofit-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(
-            f"run folder {run_dir} exists and is not empty; pass --overwrite, "
-            f"--resume {run_dir}, or another --out."
-        )
-    if args.overwrite:
-        for stale in run_dir.glob("checkpoints/*"):
-            stale.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm
+    return new_run_dir(run_dir, overwrite=args.overwrite, stale=("checkpoints",))
 
 
 def save_attention_file(model: torch.nn.Module, directory: Path) -> Path:
@@ -404,7 +385,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> None:
     save_file(
         {k: v.contiguous() for k, v in base_state.items()}, str(sizes / "baseline.safetensors")
     )
-    progress = _progress(not args.no_progress)
+    progress = progress_factory(not args.no_progress)
     for seed in range(args.seed, args.seed + args.seeds):  # seeds outside: arms stay balanced
         for name in args.arm_list:
             arm = ARMS[name]
@@ -478,10 +459,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     order = [a for a in ARMS if any(r["arm"] == a for r in results)]
     rows = [{"arm": r["arm"], "seed": r["seed"], **row} for r in results for row in r["history"]]
     rows.sort(key=lambda row: (order.index(row["arm"]), row["seed"], row["step"]))
-    with (run_dir / "curves.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(run_dir / "curves.csv", rows)
     sizes_file = run_dir / "sizes" / "baseline.json"
     sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
     arms: dict[str, Any] = {}
@@ -704,11 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(
-            f"\n{err}; a checkpoint was written. Continue with:\n"
-            f"  python {sys.argv[0]} --resume {args.run_dir}",
-            file=sys.stderr,
-        )
+        print(resume_hint(err, args.run_dir), file=sys.stderr)
         return 130
 
 

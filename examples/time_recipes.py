@@ -38,11 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from se_cifar.data import load_cifar10
+from se_cifar.stats import mean_std
 
-from se_cifar.data import load_cifar10  # noqa: E402
-from se_cifar.stats import mean_std  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 TUTORIAL_EPOCHS = 50
 

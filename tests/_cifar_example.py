@@ -1,8 +1,11 @@
-"""Helpers for the CIFAR-10 example's tests: import path and a generated ImageFolder."""
+"""Helpers for the CIFAR-10 example's tests: its paths and a generated ImageFolder.
+
+The example's modules (``cifar10_se``, ``se_cifar``...) are importable in the tests because
+pyproject.toml puts ``examples/`` on the path (pytest's ``pythonpath`` option).
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +13,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10"
-
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
+import bench_model
+import bench_se
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def test_bench_se_prints_a_table_per_case(capsys: pytest.CaptureFixture[str]) -> None:
     threads = str(torch.get_num_threads())
-    load("bench_se").main(
+    bench_se.main(
         ["--shapes", "2,16,4,4", "--rounds", "2", "--sample-ms", "0.05", "--threads", threads]
     )
     out = capsys.readouterr().out
@@ -36,7 +26,6 @@ def test_bench_se_prints_a_table_per_case(capsys: pytest.CaptureFixture[str]) ->
 def test_bench_se_cold_cache_times_single_flushed_calls(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench_se = load("bench_se")
     flushes = 0
     make_flush = bench_se.make_flush
 
@@ -64,7 +53,7 @@ def test_bench_se_cold_cache_times_single_flushed_calls(
 
 def test_bench_se_rejects_a_flush_of_no_memory() -> None:
     with pytest.raises(SystemExit):
-        load("bench_se").main(["--cache", "cold", "--flush-mib", "0"])
+        bench_se.main(["--cache", "cold", "--flush-mib", "0"])
 
 
 def test_bench_se_times_every_registered_block(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,7 +61,6 @@ def test_bench_se_times_every_registered_block(capsys: pytest.CaptureFixture[str
 
     threads = str(torch.get_num_threads())
     args = ["--shapes", "2,16,4,4", "--rounds", "1", "--sample-ms", "0.05", "--threads", threads]
-    bench_se = load("bench_se")
     bench_se.main([*args, "--memory-format", "contiguous", "--blocks", "all"])
     out = capsys.readouterr().out
     for block in attnblocks.available_blocks():
@@ -85,7 +73,7 @@ def test_bench_se_times_every_registered_block(capsys: pytest.CaptureFixture[str
 def test_bench_model_prints_ratios_to_baseline(capsys: pytest.CaptureFixture[str]) -> None:
     threads = str(torch.get_num_threads())
     args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
-    load("bench_model").main([*args, "--no-insert-se", "--threads", threads])
+    bench_model.main([*args, "--no-insert-se", "--threads", threads])
     out = capsys.readouterr().out
     assert out.count("#### tutorial_cnn") == 2  # train step and inference
     assert out.count("| baseline |") == 2 and out.count("| attnblocks |") == 2
@@ -97,14 +85,13 @@ def test_bench_model_under_bf16_autocast_and_channels_last(
     threads = str(torch.get_num_threads())
     args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
     extra = ["--autocast", "bf16", "--memory-format", "channels_last", "--malloc", "keep"]
-    load("bench_model").main([*args, *extra, "--no-insert-se", "--threads", threads])
+    bench_model.main([*args, *extra, "--no-insert-se", "--threads", threads])
     out = capsys.readouterr().out
     assert out.count("channels_last, bf16 autocast") == 2
     assert "glibc keeps freed memory" in out
 
 
 def test_se_variants_of_the_tutorial_cnn_add_three_blocks() -> None:
-    bench_model = load("bench_model")
     base = bench_model.tutorial_cnn()
     with_se = bench_model.add_se_to_tutorial_cnn(base, "attnblocks")
     blocks = [m for m in with_se.modules() if type(m).__name__ == "SEBlock"]
@@ -126,7 +113,7 @@ def test_bench_se_pairs_blocks_with_timm_twins_and_a_reference_se(
     args = ["--shapes", "2,16,4,4", "--rounds", "2", "--sample-ms", "0.05", "--threads", threads]
     extra = ["--memory-format", "contiguous", "--mode", "forward+backward", "--clock", "cpu"]
     blocks = ["--blocks", "eca", "ge", "cbam", "scse", "--impls", "timm", "attnblocks"]
-    load("bench_se").main([*args, *extra, *blocks, "--reference-se", str(tmp_path)])
+    bench_se.main([*args, *extra, *blocks, "--reference-se", str(tmp_path)])
     out = capsys.readouterr().out
     assert "each block against its twin" in out and "cpu clock" in out
     for name in ("eca", "ge", "cbam"):
@@ -138,7 +125,7 @@ def test_bench_se_pairs_blocks_with_timm_twins_and_a_reference_se(
 
 def test_bench_se_rejects_a_reference_without_attnblocks(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        load("bench_se").main(["--reference-se", str(tmp_path)])
+        bench_se.main(["--reference-se", str(tmp_path)])
 
 
 def test_bench_model_times_blocks_and_their_timm_twins(
@@ -148,7 +135,7 @@ def test_bench_model_times_blocks_and_their_timm_twins(
     threads = str(torch.get_num_threads())
     args = ["--models", "tutorial_cnn", "--rounds", "1", "--steps", "1", "--batch", "2"]
     extra = ["--variants", "baseline", "--blocks", "eca", "scse", "--clock", "cpu"]
-    load("bench_model").main([*args, *extra, "--no-insert-se", "--threads", threads])
+    bench_model.main([*args, *extra, "--no-insert-se", "--threads", threads])
     out = capsys.readouterr().out
     for variant in ("attnblocks eca", "timm eca", "attnblocks scse"):
         assert out.count(f"| {variant} |") == 2, variant

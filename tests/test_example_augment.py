@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _cifar_example  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 import torch
 from hypothesis import given

@@ -15,7 +15,10 @@ import time_recipes
 import torch
 from se_cifar import ema as ema_module
 from se_cifar import engine as engine_module
+from se_cifar import progress as progress_module
 from se_cifar import recipes as recipes_module
+from se_cifar import rundir as rundir_module
+from se_cifar import summary as summary_module
 from se_cifar.data import load_cifar10
 from se_cifar.ema import WeightEMA
 from se_cifar.engine import Interrupted, make_scheduler, train_run
@@ -30,7 +33,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cifar_example.make_image_folder(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.mark.parametrize("module", [ema_module, recipes_module, engine_module, cifar10_se])
+EXAMPLE_MODULES = [ema_module, recipes_module, engine_module, summary_module, progress_module]
+
+
+@pytest.mark.parametrize("module", [*EXAMPLE_MODULES, rundir_module, cifar10_se])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
@@ -203,7 +209,7 @@ def test_time_to_accuracy_takes_the_first_epoch_and_adds_loading() -> None:
         {"epoch": 2, "test_acc": 0.85, "elapsed_s": 20.0},
         {"epoch": 3, "test_acc": 0.84, "elapsed_s": 30.0},
     ]
-    got = cifar10_se.time_to_accuracy(rows, [0.5, 0.814, 0.849, 0.9], data_s=1.5)
+    got = summary_module.time_to_accuracy(rows, [0.5, 0.814, 0.849, 0.9], data_s=1.5)
     assert got == {
         "50": {"epoch": 1, "seconds": 11.5},
         "81.4": {"epoch": 2, "seconds": 21.5},

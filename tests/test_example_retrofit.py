@@ -193,7 +193,7 @@ def test_the_command_line_resumes_after_ctrl_c(
     argv += ["--arms", "control,se_identity_attn", "--set", "batch_size=20", "--no-plots"]
     argv += ["--evals-per-epoch", "1", "--early-evals", "1", "--no-progress"]
     assert retrofit.main([*argv, "--out", str(tmp_path / "a")]) == 0
-    monkeypatch.setattr(retrofit, "_progress", lambda enabled: _StopAfter(4))
+    monkeypatch.setattr(retrofit, "progress_factory", lambda enabled: _StopAfter(4))
     assert retrofit.main([*argv, "--out", str(tmp_path / "b")]) == 130  # inside epoch 2
     monkeypatch.undo()
     assert retrofit.main(["--resume", str(tmp_path / "b"), "--no-plots", "--no-progress"]) == 0

@@ -44,16 +44,17 @@ class WeightEMA:
             p.requires_grad_(False)
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        mine, theirs = [], []
+        mine: list[torch.Tensor] = []
+        theirs: list[torch.Tensor] = []
         for a, b in zip(self.shadow.parameters(), model.parameters(), strict=True):
             mine.append(a)
             theirs.append(b.detach())
-        for a, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
-            if a.is_floating_point():
-                mine.append(a)
-                theirs.append(b)
+        for buf, source in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            if buf.is_floating_point():
+                mine.append(buf)
+                theirs.append(source)
             else:
-                a.copy_(b)
+                buf.copy_(source)
         return mine, theirs
 
     @torch.no_grad()

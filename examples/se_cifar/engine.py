@@ -25,6 +25,7 @@ __all__ = [
     "EvalResult",
     "Interrupted",
     "RunState",
+    "Trainer",
     "autocast_dtype",
     "evaluate",
     "make_augment",
@@ -280,6 +281,77 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Trainer:
+    """What a run steps and saves: the model, optimiser, scheduler, EMA and augmentation.
+
+    Attributes:
+        model: the model whose weights are saved (unwrapped).
+        net: what the training steps call: ``model``, or its DistributedDataParallel
+            and/or ``torch.compile`` wrapper.
+        recipe: how to train.
+        seed: the run's seed.
+        optimizer: the optimiser over ``model``'s trained parameters.
+        scheduler: the learning-rate scheduler of ``optimizer``.
+        ema: the moving average of the weights, or None.
+        device: where to train.
+        augment: the recipe's augmentation (and test-time normalisation).
+        amp: the recipe's autocast dtype on ``device``, or None for float32.
+    """
+
+    model: nn.Module
+    net: nn.Module
+    recipe: Recipe
+    seed: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: WeightEMA | None
+    device: torch.device
+    augment: Augment = field(init=False)
+    amp: torch.dtype | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.augment = make_augment(self.recipe)
+        self.amp = autocast_dtype(self.recipe.precision, self.device)
+
+    def checkpoint(
+        self, state: Any, aug_gen: torch.Generator | None, **extra: Any
+    ) -> dict[str, Any]:
+        """The checkpoint dict of a run in ``state``; ``extra`` keys come before ``"seed"``."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": state,
+            "torch_rng": torch.get_rng_state(),
+            "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "recipe": self.recipe.to_dict(),
+            **extra,
+            "seed": self.seed,
+        }
+
+    def evaluate(
+        self, split: Split, net: nn.Module | None = None, *, keep_logits: bool = False
+    ) -> EvalResult:
+        """:func:`evaluate` ``net`` on ``split`` with the recipe's settings.
+
+        ``net`` defaults to the evaluated weights: the EMA's if there is one, else ``model``.
+        """
+        if net is None:
+            net = self.model if self.ema is None else self.ema.shadow
+        return evaluate(
+            net,
+            split,
+            self.augment,
+            self.device,
+            amp=self.amp,
+            channels_last=self.recipe.channels_last,
+            test_flip=self.recipe.test_flip,
+            keep_logits=keep_logits,
+        )
+
+
 def _batches(n: int, batch_size: int, order: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
     steps = math.ceil(n / batch_size)
     for step in range(start, steps):
@@ -356,8 +428,6 @@ def train_run(
         world_size: the number of processes.
     """
     session_start = time.perf_counter()
-    amp = autocast_dtype(recipe.precision, device)
-    augment = make_augment(recipe)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -368,9 +438,9 @@ def train_run(
         net = torch.compile(net)  # type: ignore[assignment]
     optimizer = _make_optimizer(model, recipe)
     ema = WeightEMA(model, recipe.ema) if recipe.ema > 0 else None
-    local_n = len(train) // world_size
-    steps_per_epoch = math.ceil(local_n / recipe.batch_size)
+    steps_per_epoch = math.ceil(len(train) // world_size / recipe.batch_size)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    trainer = Trainer(model, net, recipe, seed, optimizer, scheduler, ema, device)
     state = RunState()
     torch.manual_seed(_seed_of(seed, 1, rank))  # dropout: a different stream per process
     aug_state: torch.Tensor | None = None
@@ -391,103 +461,74 @@ def train_run(
             return model, state
         log(f"resuming {checkpoint.name} at epoch {state.epoch + 1}, step {state.step}")
 
-    images = train.images.to(device)
-    labels = train.labels.to(device)
-
     def snapshot(aug_gen: torch.Generator | None) -> None:
-        if rank != 0:
-            return
-        _save(
-            checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "torch_rng": torch.get_rng_state(),
-                "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "recipe": recipe.to_dict(),
-                "seed": seed,
-            },
-        )
+        if rank == 0:
+            _save(checkpoint, trainer.checkpoint(state, aug_gen))
 
     with _StopRequest() as stop:
         _train_epochs(
+            trainer,
             state,
             stop,
-            net=net,
-            model=model,
-            recipe=recipe,
-            seed=seed,
-            train=train,
-            test=test,
-            device=device,
-            amp=amp,
-            augment=augment,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema=ema,
-            clock=(state.elapsed_s, session_start),
-            images=images,
-            labels=labels,
-            local_n=local_n,
-            steps_per_epoch=steps_per_epoch,
-            aug_state=aug_state,
-            snapshot=snapshot,
-            progress=progress,
-            log=log,
-            on_epoch=on_epoch,
-            rank=rank,
-            world_size=world_size,
+            _Session(
+                train=train,
+                test=test,
+                rank=rank,
+                world_size=world_size,
+                clock=(state.elapsed_s, session_start),
+                snapshot=snapshot,
+                progress=progress if rank == 0 else None,
+                log=log,
+                on_epoch=on_epoch,
+            ),
+            aug_state,
         )
     return model, state
 
 
+@dataclass
+class _Session:
+    """The data and the callbacks of one call of :func:`train_run`."""
+
+    train: Split
+    test: Split
+    rank: int
+    world_size: int
+    clock: tuple[float, float]  # (elapsed_s of the earlier sessions, this one's start)
+    snapshot: Callable[[torch.Generator | None], None]
+    progress: Callable[..., Any] | None
+    log: Callable[[str], None]
+    on_epoch: Callable[[RunState], None] | None
+
+
 def _train_epochs(
+    trainer: Trainer,
     state: RunState,
     stop: _StopRequest,
-    *,
-    net: nn.Module,
-    model: nn.Module,
-    recipe: Recipe,
-    seed: int,
-    train: Split,
-    test: Split,
-    device: torch.device,
-    amp: torch.dtype | None,
-    augment: Augment,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    ema: WeightEMA | None,
-    clock: tuple[float, float],
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    local_n: int,
-    steps_per_epoch: int,
+    session: _Session,
     aug_state: torch.Tensor | None,
-    snapshot: Callable[[torch.Generator | None], None],
-    progress: Callable[..., Any] | None,
-    log: Callable[[str], None],
-    on_epoch: Callable[[RunState], None] | None,
-    rank: int,
-    world_size: int,
 ) -> None:
+    recipe, seed, rank = trainer.recipe, trainer.seed, session.rank
+    train = session.train
+    local_n = len(train) // session.world_size
+    steps_per_epoch = math.ceil(local_n / recipe.batch_size)
+    images = train.images.to(trainer.device)
+    labels = train.labels.to(trainer.device)
     while state.epoch < recipe.epochs:
         epoch = state.epoch
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(_seed_of(seed, epoch))
         )
-        order = order[rank * local_n : (rank + 1) * local_n].to(device)
+        order = order[rank * local_n : (rank + 1) * local_n].to(trainer.device)
         aug_gen = torch.Generator().manual_seed(_seed_of(seed, epoch, rank, 7, state.step))
         if aug_state is not None and state.step > 0:
             aug_gen.set_state(aug_state)
         aug_state = None
         sums = state.epoch_sums or {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
-        net.train()
+        trainer.net.train()
         batches: Any = _batches(local_n, recipe.batch_size, order, state.step)
-        if progress is not None and rank == 0:
-            batches = progress(
+        if session.progress is not None:
+            batches = session.progress(
                 batches,
                 total=steps_per_epoch,
                 initial=state.step,
@@ -499,17 +540,22 @@ def _train_epochs(
             for index in batches:
                 if stop.requested:
                     raise _Stop
-                x = augment(images[index], aug_gen, train=True)
+                x = trainer.augment(images[index], aug_gen, train=True)
                 y = labels[index]
                 if recipe.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 loss, logits = train_step(
-                    net, optimizer, x, y, amp=amp, label_smoothing=recipe.label_smoothing
+                    trainer.net,
+                    trainer.optimizer,
+                    x,
+                    y,
+                    amp=trainer.amp,
+                    label_smoothing=recipe.label_smoothing,
                 )
                 if recipe.schedule == "onecycle":
-                    scheduler.step()
-                if ema is not None:
-                    ema.update(model)
+                    trainer.scheduler.step()
+                if trainer.ema is not None:
+                    trainer.ema.update(trainer.model)
                 value = float(loss)
                 state.iterations.append((epoch, state.step, value))
                 sums["loss"] += value * len(index)
@@ -521,7 +567,7 @@ def _train_epochs(
         except _Stop:
             sums["time"] += time.perf_counter() - tick
             state.epoch_sums = sums
-            snapshot(aug_gen)
+            session.snapshot(aug_gen)
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {state.step}") from None
         except KeyboardInterrupt:
             raise Interrupted(
@@ -532,45 +578,37 @@ def _train_epochs(
             if hasattr(batches, "close"):
                 batches.close()
         sums["time"] += time.perf_counter() - tick
-        result = evaluate(
-            model if ema is None else ema.shadow,
-            test,
-            augment,
-            device,
-            amp=amp,
-            channels_last=recipe.channels_last,
-            test_flip=recipe.test_flip,
-        )
+        result = trainer.evaluate(session.test)
         if recipe.schedule == "plateau":
-            scheduler.step(result.loss)
+            trainer.scheduler.step(result.loss)
         row = {
             "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": trainer.optimizer.param_groups[0]["lr"],
             "train_loss": sums["loss"] / max(1.0, sums["seen"]),
             "train_acc": sums["correct"] / max(1.0, sums["seen"]),
             "test_loss": result.loss,
             "test_acc": result.accuracy,
             "epoch_time_s": sums["time"],
-            "images_per_s": sums["seen"] * world_size / max(1e-9, sums["time"]),
+            "images_per_s": sums["seen"] * session.world_size / max(1e-9, sums["time"]),
         }
         state.epoch += 1
         state.step = 0
         state.epoch_sums = {}
         state.complete = state.epoch >= recipe.epochs
-        if state.complete and ema is not None:
-            model.load_state_dict(ema.shadow.state_dict())  # the evaluated weights
-        row["elapsed_s"] = clock[0] + time.perf_counter() - clock[1]
+        if state.complete and trainer.ema is not None:
+            trainer.model.load_state_dict(trainer.ema.shadow.state_dict())  # evaluated weights
+        row["elapsed_s"] = session.clock[0] + time.perf_counter() - session.clock[1]
         state.elapsed_s = row["elapsed_s"]
         state.history.append(row)
-        snapshot(None)
+        session.snapshot(None)
         if rank == 0:
-            log(
+            session.log(
                 f"epoch {epoch + 1:3d}/{recipe.epochs}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
                 f"acc {row['test_acc']:.4f}  lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s"
             )
-        if on_epoch is not None:
-            on_epoch(state)
+        if session.on_epoch is not None:
+            session.on_epoch(state)
         if stop.requested and not state.complete:
             raise Interrupted(f"interrupted after epoch {epoch + 1}")
 

@@ -24,13 +24,11 @@ from se_cifar.ema import WeightEMA
 from se_cifar.engine import (
     EvalResult,
     Interrupted,
+    Trainer,
     _save,
     _seed_of,
     _Stop,
     _StopRequest,
-    autocast_dtype,
-    evaluate,
-    make_augment,
     make_scheduler,
     train_step,
 )
@@ -125,7 +123,9 @@ def trainable_parameters(model: nn.Module, arm: Arm) -> tuple[list[nn.Parameter]
     from attnblocks import freeze_except_attention
 
     trainable = freeze_except_attention(model)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms: list[nn.Module] = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     return trainable, norms
 
 
@@ -203,8 +203,6 @@ def finetune_run(
     (and, at the end, returned) weights are the moving average's. A checkpoint is
     written after every epoch and on Ctrl-C (then :class:`Interrupted` is raised).
     """
-    amp = autocast_dtype(recipe.precision, device)
-    augment = make_augment(recipe)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -223,19 +221,6 @@ def finetune_run(
     state = FineTuneState()
     aug_state: torch.Tensor | None = None
 
-    def run_eval(net: nn.Module, keep_logits: bool = False) -> EvalResult:
-        result = evaluate(
-            net,
-            test,
-            augment,
-            device,
-            amp=amp,
-            channels_last=recipe.channels_last,
-            test_flip=recipe.test_flip,
-            keep_logits=keep_logits,
-        )
-        return result
-
     if checkpoint.exists():
         blob = torch.load(checkpoint, weights_only=False, map_location="cpu")
         model.load_state_dict(blob["model"])
@@ -251,22 +236,10 @@ def finetune_run(
     if ema is not None and checkpoint.exists():
         ema.load_state_dict(blob["ema"])
 
+    trainer = Trainer(model, model, recipe, seed, optimizer, scheduler, ema, device)
+
     def snapshot(aug_gen: torch.Generator | None) -> None:
-        _save(
-            checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "torch_rng": torch.get_rng_state(),
-                "aug_rng": aug_gen.get_state() if aug_gen is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "recipe": recipe.to_dict(),
-                "arm": arm.name,
-                "seed": seed,
-            },
-        )
+        _save(checkpoint, trainer.checkpoint(state, aug_gen, arm=arm.name))
 
     def record(result: EvalResult) -> None:
         sums = state.sums or {"loss": 0.0, "seen": 0.0}
@@ -290,7 +263,7 @@ def finetune_run(
 
     if not state.history:  # step 0: the retrofitted model before any update
         torch.manual_seed(_seed_of(seed, 1, 0))  # the dropout stream
-        result = run_eval(model, keep_logits=True)
+        result = trainer.evaluate(test, model, keep_logits=True)
         if result.logits is None or reference.logits is None:
             raise ValueError("finetune_run: the reference evaluation needs keep_logits=True.")
         state.check = {
@@ -333,7 +306,7 @@ def finetune_run(
                     index = order[(step - epoch * steps_per_epoch) * recipe.batch_size :][
                         : recipe.batch_size
                     ]
-                    x = augment(images[index], aug_gen, train=True)
+                    x = trainer.augment(images[index], aug_gen, train=True)
                     if recipe.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     loss, _ = train_step(
@@ -341,7 +314,7 @@ def finetune_run(
                         optimizer,
                         x,
                         labels[index],
-                        amp=amp,
+                        amp=trainer.amp,
                         label_smoothing=recipe.label_smoothing,
                     )
                     scheduler.step()
@@ -365,7 +338,7 @@ def finetune_run(
             state.train_time_s += time.perf_counter() - tick
             state.sums = sums
             if state.step in points:
-                record(run_eval(model if ema is None else ema.shadow))
+                record(trainer.evaluate(test))
             if state.step >= total:
                 state.complete = True
                 if ema is not None:

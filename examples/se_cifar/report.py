@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from se_cifar.data import Split, load_cifar10
 from se_cifar.models import build_model
 from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD
 from se_cifar.stats import comparisons, mean_std
+from se_cifar.summary import arm_summary, write_csv
 
 __all__ = ["compare_runs", "make_figures", "merge_arms", "summary_figure"]
 
@@ -180,6 +182,173 @@ def summary_figure(summary: dict[str, Any]) -> Any:
     return fig
 
 
+class _Saver:
+    """Saves each figure as ``<out>/<name>.png`` and lists the files written, in order."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.written: list[Path] = []
+
+    def __call__(self, fig: Any, name: str) -> None:
+        path = self.out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        self.written.append(path)
+
+
+@dataclass
+class _Shown:
+    """The test split, normalised, and the images of the per-image figures (one per class)."""
+
+    test: Split
+    all_x: torch.Tensor
+    images: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def of(cls, test: Split) -> _Shown:
+        picks = [
+            int((test.labels == c).nonzero()[0])
+            for c in range(len(test.classes))
+            if bool((test.labels == c).any())
+        ][:SHOW_IMAGES]
+        images = normalize(test.images[picks].float() / 255, CIFAR10_MEAN, CIFAR10_STD)
+        all_x = normalize(test.images.float() / 255, CIFAR10_MEAN, CIFAR10_STD)
+        return cls(test, all_x, images, test.labels[picks])
+
+    @property
+    def titles(self) -> list[str]:
+        return [self.test.classes[int(t)] for t in self.targets]
+
+
+def _confusion_figure(save: _Saver, arm: str, model: nn.Module, shown: _Shown) -> None:
+    import attnblocks.plot as plot
+
+    test, all_x = shown.test, shown.all_x
+    with torch.no_grad():
+        logits = torch.cat([model(all_x[i : i + 1000]) for i in range(0, len(test), 1000)])
+    save(
+        plot.confusion_matrix(
+            test.labels,
+            logits.argmax(1),
+            class_names=test.classes,
+            title=f"{arm}: confusion matrix (test, row-normalised)",
+        ),
+        f"confusion_{arm}",
+    )
+
+
+def _feature_figures(
+    save: _Saver, arm: str, model: nn.Module, shown: _Shown, sites: list[str]
+) -> dict[str, torch.Tensor]:
+    """Feature maps of two test images and the most active channels; returns the features."""
+    import attnblocks.inspect as inspect
+    import attnblocks.plot as plot
+
+    images = shown.images
+    with inspect.record_features(model, sites) as rec, torch.no_grad():
+        model(images)
+    features = {f"conv{k + 1}": rec.features[s] for k, s in enumerate(sites)}
+    for j in range(2):
+        save(
+            plot.feature_map_grid(
+                images[j],
+                features,
+                index=j,
+                mean=CIFAR10_MEAN,
+                std=CIFAR10_STD,
+                title=f"{arm}: feature maps, test image {j} ({shown.titles[j]})",
+            ),
+            f"feature_maps_{arm}_{j}",
+        )
+    save(_channel_heatmaps(arm, shown, features, "activation"), f"heatmap_activation_{arm}")
+    return features
+
+
+def _channel_heatmaps(
+    arm: str,
+    shown: _Shown,
+    features: dict[str, torch.Tensor],
+    rank_by: Literal["activation", "gate"],
+    gate: torch.Tensor | None = None,
+) -> Any:
+    """The first shown image's top 3 channels of the last feature map, ranked by ``rank_by``."""
+    import attnblocks.plot as plot
+
+    return plot.channel_heatmaps(
+        shown.images[0],
+        features["conv3"],
+        k=3,
+        rank_by=rank_by,
+        gate=gate,
+        index=0,
+        upsample="bilinear",
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        layer=f"{arm} conv3",
+    )
+
+
+def _spatial_map_figure(save: _Saver, arm: str, model: nn.Module, shown: _Shown) -> None:
+    import attnblocks.inspect as inspect
+    import attnblocks.plot as plot
+
+    with inspect.record_maps(model) as mrec, torch.no_grad():
+        model(shown.images)
+    save(
+        plot.spatial_map_overlay(
+            shown.images, mrec.maps, titles=shown.titles, mean=CIFAR10_MEAN, std=CIFAR10_STD
+        ),
+        f"spatial_maps_{arm}",
+    )
+
+
+def _gate_figures(
+    save: _Saver,
+    arm: str,
+    model: nn.Module,
+    shown: _Shown,
+    features: dict[str, torch.Tensor],
+    gate_site: str,
+) -> None:
+    """The channels ranked by the gate at ``gate_site``, and the gate's profiles by class."""
+    import attnblocks.inspect as inspect
+    import attnblocks.plot as plot
+
+    with inspect.record_gates(model) as grec, torch.no_grad():
+        model(shown.images)
+    last = [g for name, g in grec.gates.items() if name.startswith(gate_site)]
+    if not last:
+        return
+    test, all_x, classes = shown.test, shown.all_x, shown.test.classes
+    save(_channel_heatmaps(arm, shown, features, "gate", last[0]), f"heatmap_gate_{arm}")
+    batches = [(all_x[i : i + 500], test.labels[i : i + 500]) for i in range(0, len(test), 500)]
+    stats = inspect.gate_statistics(model, batches, num_classes=len(classes))
+    shown_classes = list(range(min(4, len(classes))))
+    save(
+        plot.gate_profiles(
+            stats,
+            classes=shown_classes,
+            class_names=classes,
+            title=f"{arm}: mean gate per channel by class (cf. SE paper, Fig. 6)",
+        ),
+        f"gate_profiles_{arm}",
+    )
+    save(
+        plot.gate_class_profile(
+            stats,
+            0,
+            class_name=classes[0],
+            title=f"{arm}: gate mean +/- std, class {classes[0]} (cf. Fig. 7)",
+        ),
+        f"gate_class_profile_{arm}",
+    )
+    save(
+        plot.gate_heatmap(stats, title=f"{arm}: mean gate, sites x channels"),
+        f"gate_heatmap_{arm}",
+    )
+
+
 def _figures(
     summary: dict[str, Any],
     histories: dict[str, dict[str, list[float]]],
@@ -190,152 +359,41 @@ def _figures(
     import attnblocks.inspect as inspect
     import attnblocks.plot as plot
 
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-
-    def save(fig: Any, name: str) -> None:
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-
-    mean, std = CIFAR10_MEAN, CIFAR10_STD
-    classes = test.classes
+    save = _Saver(out)
     feature_sites, cam_site, gate_site = SITES[summary.get("model", "tutorial")]
     save(
         plot.training_curves(histories, smooth=25, title="training: " + " vs ".join(histories)),
         "training_curves",
     )
     save(summary_figure(summary), "summary")
-
-    # one image per class for the per-image figures
-    picks = [
-        int((test.labels == c).nonzero()[0])
-        for c in range(len(classes))
-        if bool((test.labels == c).any())
-    ][:SHOW_IMAGES]
-    images = normalize(test.images[picks].float() / 255, mean, std)
-    targets = test.labels[picks]
-    all_x = normalize(test.images.float() / 255, mean, std)
-
+    shown = _Shown.of(test)
     cams: dict[str, torch.Tensor] = {}
     for arm, model in models.items():
-        with torch.no_grad():
-            logits = torch.cat([model(all_x[i : i + 1000]) for i in range(0, len(test), 1000)])
-        save(
-            plot.confusion_matrix(
-                test.labels,
-                logits.argmax(1),
-                class_names=classes,
-                title=f"{arm}: confusion matrix (test, row-normalised)",
-            ),
-            f"confusion_{arm}",
-        )
-        with inspect.record_features(model, feature_sites) as rec, torch.no_grad():
-            model(images)
-        features = {f"conv{k + 1}": rec.features[s] for k, s in enumerate(feature_sites)}
-        for j in range(2):
-            save(
-                plot.feature_map_grid(
-                    images[j],
-                    features,
-                    index=j,
-                    mean=mean,
-                    std=std,
-                    title=f"{arm}: feature maps, test image {j} ({classes[int(targets[j])]})",
-                ),
-                f"feature_maps_{arm}_{j}",
-            )
-        save(
-            plot.channel_heatmaps(
-                images[0],
-                features["conv3"],
-                k=3,
-                rank_by="activation",
-                index=0,
-                upsample="bilinear",
-                mean=mean,
-                std=std,
-                layer=f"{arm} conv3",
-            ),
-            f"heatmap_activation_{arm}",
-        )
+        _confusion_figure(save, arm, model, shown)
+        features = _feature_figures(save, arm, model, shown, feature_sites)
         cams[arm] = inspect.grad_cam(
-            model, images, targets, cam_site, size=tuple(images.shape[-2:])
+            model,
+            shown.images,
+            shown.targets,
+            cam_site,
+            size=(shown.images.shape[-2], shown.images.shape[-1]),
         )
         if _has(model, "has_spatial_map"):
-            with inspect.record_maps(model) as mrec, torch.no_grad():
-                model(images)
-            save(
-                plot.spatial_map_overlay(
-                    images,
-                    mrec.maps,
-                    titles=[classes[int(t)] for t in targets],
-                    mean=mean,
-                    std=std,
-                ),
-                f"spatial_maps_{arm}",
-            )
-        last: list[torch.Tensor] = []
-        if _has(model, "has_channel_gate"):
-            with inspect.record_gates(model) as grec, torch.no_grad():
-                model(images)
-            last = [g for name, g in grec.gates.items() if name.startswith(gate_site)]
-        if last:  # the arm's blocks apply a channel gate: rank by it, and profile it
-            last_gate = last[0]
-            save(
-                plot.channel_heatmaps(
-                    images[0],
-                    features["conv3"],
-                    k=3,
-                    rank_by="gate",
-                    gate=last_gate,
-                    index=0,
-                    upsample="bilinear",
-                    mean=mean,
-                    std=std,
-                    layer=f"{arm} conv3",
-                ),
-                f"heatmap_gate_{arm}",
-            )
-            batches = [
-                (all_x[i : i + 500], test.labels[i : i + 500]) for i in range(0, len(test), 500)
-            ]
-            stats = inspect.gate_statistics(model, batches, num_classes=len(classes))
-            shown = list(range(min(4, len(classes))))
-            save(
-                plot.gate_profiles(
-                    stats,
-                    classes=shown,
-                    class_names=classes,
-                    title=f"{arm}: mean gate per channel by class (cf. SE paper, Fig. 6)",
-                ),
-                f"gate_profiles_{arm}",
-            )
-            save(
-                plot.gate_class_profile(
-                    stats,
-                    0,
-                    class_name=classes[0],
-                    title=f"{arm}: gate mean +/- std, class {classes[0]} (cf. Fig. 7)",
-                ),
-                f"gate_class_profile_{arm}",
-            )
-            save(
-                plot.gate_heatmap(stats, title=f"{arm}: mean gate, sites x channels"),
-                f"gate_heatmap_{arm}",
-            )
+            _spatial_map_figure(save, arm, model, shown)
+        if _has(model, "has_channel_gate"):  # rank the channels by the gate, and profile it
+            _gate_figures(save, arm, model, shown, features, gate_site)
     save(
         plot.gradcam_overlay(
-            images,
+            shown.images,
             cams,
-            titles=[classes[int(t)] for t in targets],
+            titles=shown.titles,
             normalize="image",  # each panel on its own scale, as Grad-CAM figures are drawn
-            mean=mean,
-            std=std,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
         ),
         "gradcam",
     )
-    return written
+    return save.written
 
 
 def make_figures(run_dir: Path) -> list[Path]:
@@ -369,18 +427,9 @@ def merge_arms(summaries: list[dict[str, Any]], run_dirs: list[Path]) -> dict[st
                     )
                 runs.setdefault(arm, []).append({**run, "source": str(run_dir)})
             params[arm] = info["params"]
-    arms: dict[str, Any] = {}
-    for arm, arm_runs in runs.items():
+    for arm_runs in runs.values():
         arm_runs.sort(key=lambda r: r["seed"])
-        mean, std = mean_std([r["final_test_acc"] for r in arm_runs])
-        arms[arm] = {
-            "params": params[arm],
-            "runs": arm_runs,
-            "final_test_acc_mean": mean,
-            "final_test_acc_std": std,
-            "best_test_acc_mean": mean_std([r["best_test_acc"] for r in arm_runs])[0],
-        }
-    return arms
+    return {arm: arm_summary(params[arm], arm_runs) for arm, arm_runs in runs.items()}
 
 
 def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
@@ -408,10 +457,7 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
         rows: list[dict[str, str]] = []
         for run_dir in run_dirs:
             rows.extend(_read_csv(run_dir / name))
-        with (out / name).open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out / name, rows)
     shutil.copy(run_dirs[0] / "config.json", out / "config.json")
     if plots:
         test = _test_split(run_dirs[0])
