@@ -33,6 +33,7 @@ __all__ = [
     "RMS_NORMS",
     "TORCH_VERSION",
     "autocast_dtype",
+    "forward_hooks",
     "function_transform_active",
     "has_cpu_float16_layer_norm",
     "has_global_module_hooks",
@@ -227,6 +228,15 @@ def has_own_hooks(module: nn.Module) -> bool:
         or module._backward_hooks
         or module._backward_pre_hooks
     )
+
+
+def forward_hooks(module: nn.Module) -> dict[int, Callable[..., object]]:
+    """``module``'s forward hooks by id (its private ``_forward_hooks`` table, read only).
+
+    >>> forward_hooks(nn.Identity())
+    {}
+    """
+    return dict(module._forward_hooks)
 
 
 def remove_forward_hook(module: nn.Module, hook_id: int) -> None:

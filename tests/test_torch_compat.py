@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from attnblocks._torch_compat import (
     RMS_NORMS,
     TORCH_VERSION,
     autocast_dtype,
+    forward_hooks,
     function_transform_active,
     has_global_module_hooks,
     has_own_hooks,
@@ -144,9 +146,15 @@ def test_global_and_own_module_hooks_are_seen_and_forgotten() -> None:
 
 def test_remove_forward_hook_clears_every_table_as_the_handle_would() -> None:
     module = nn.Linear(2, 2)
-    handle = module.register_forward_hook(
-        lambda m, args, kwargs, out: None, with_kwargs=True, always_call=True
-    )
+
+    def hook(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        return None
+
+    handle = module.register_forward_hook(hook, with_kwargs=True, always_call=True)
+    seen = forward_hooks(module)
+    assert seen == {handle.id: hook}
+    seen.clear()  # a copy: the module keeps its hook
+    assert forward_hooks(module) == {handle.id: hook}
     remove_forward_hook(module, handle.id)
     assert not module._forward_hooks
     assert not module._forward_hooks_with_kwargs

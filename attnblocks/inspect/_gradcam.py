@@ -15,6 +15,7 @@ from torch import nn
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_bool, check_choice
+from attnblocks.blocks._ops import spatial_dims_of
 from attnblocks.inspect._maps import (
     MAP_NORMALIZATIONS,
     MapNormalization,
@@ -246,8 +247,7 @@ def grad_cam(
         )
     act = activations[0].float()
     grad = gradients[0].float()
-    spatial = tuple(range(2, act.dim()))
-    weights = grad.mean(dim=spatial, keepdim=True)
+    weights = grad.mean(dim=spatial_dims_of(act), keepdim=True)
     cams = (weights * act).sum(dim=1)
     if relu:
         cams = cams.clamp(min=0)

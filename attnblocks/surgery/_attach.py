@@ -27,7 +27,7 @@ from typing import Literal
 from torch import nn
 
 from attnblocks._errors import SurgeryError
-from attnblocks._torch_compat import remove_forward_hook
+from attnblocks._torch_compat import forward_hooks, remove_forward_hook
 
 __all__ = [
     "ApplyChild",
@@ -102,7 +102,7 @@ def hooked_attrs(host: nn.Module) -> list[str]:
     >>> hooked_attrs(nn.Conv2d(3, 4, 1))
     []
     """
-    return [hook.attr for hook in host._forward_hooks.values() if isinstance(hook, ApplyChild)]
+    return [hook.attr for hook in forward_hooks(host).values() if isinstance(hook, ApplyChild)]
 
 
 def attached_child(host: nn.Module, attr: str) -> tuple[str, nn.Module] | None:
@@ -156,7 +156,7 @@ def detach_block(host: nn.Module, attr: str) -> nn.Module | None:
     marker.pop(attr, None)
     stale = [
         hook_id
-        for hook_id, hook in host._forward_hooks.items()
+        for hook_id, hook in forward_hooks(host).items()
         if isinstance(hook, ApplyChild) and hook.attr == attr
     ]
     for hook_id in stale:
