@@ -523,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"run folder: {run_dir}")
         summary = train_all(args, run_dir, rank=rank, world=world, device=device)
+        if world > 1:  # no rank tears the process group down while another still trains
+            import torch.distributed as dist
+
+            dist.barrier()
         if rank != 0:
             return 0
         if not args.no_plots:

@@ -47,6 +47,9 @@ def _one_ddp_step(rank: int, world: int, port: int, out: str) -> None:
         train_step(net, opt, x[part], y[part], amp=None)
         if rank == 0:
             torch.save(model.state_dict(), out)
+        # both ranks leave together: a rank tearing gloo down while its peer still
+        # works can abort it ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
