@@ -64,6 +64,7 @@ __all__ = [
     "PooledGate",
     "fused_allowed",
     "fused_gate_values",
+    "is_stateless",
     "try_fused",
 ]
 
@@ -140,11 +141,11 @@ def _has_submodule_hooks(module: nn.Module) -> bool:
     return False
 
 
-def _is_stateless(module: nn.Module) -> bool:
+def is_stateless(module: nn.Module) -> bool:
     """Whether ``module`` and its children hold no parameters and no buffers."""
     if module._parameters or module._buffers:
         return False
-    return all(child is None or _is_stateless(child) for child in module._modules.values())
+    return all(child is None or is_stateless(child) for child in module._modules.values())
 
 
 def fused_allowed(block: nn.Module) -> bool:
@@ -230,7 +231,7 @@ def _bypassing_gate(block: AttentionBlock, x: torch.Tensor) -> PooledGate | None
     if not _may_bypass_modules(block):
         return None
     gate = block._pooled_gate(x)
-    if gate is None or not all(_is_stateless(m) for m in gate.modules):
+    if gate is None or not all(is_stateless(m) for m in gate.modules):
         return None
     return gate
 

@@ -6,17 +6,20 @@ Network Design", CVPR 2021, https://arxiv.org/abs/2103.02907
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnblocks._validation import check_bool
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
-from attnblocks.blocks._ops import accumulation_dtype, match_memory_format, to_dtype
+from attnblocks.blocks._ops import match_memory_format, to_dtype
 from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
+from attnblocks.blocks._strip_gate import StripGate, strip_pools, try_strip_fused
 
 __all__ = ["CoordAttentionBlock"]
 
@@ -69,6 +72,16 @@ class CoordAttentionBlock(AttentionBlock):
     True; the product is built only while a map hook is registered) and
     :meth:`spatial_map` returns it.
 
+    With a backward pass, the block runs as one autograd node (``fast_path``): the
+    strip pools, the gates and :math:`x \cdot g^h \cdot g^w` in a forward that makes
+    the plain path's operations (the same output, bitwise), and a backward that makes
+    about half of plain autograd's passes over the map; the small layers between the
+    strips and the gates are differentiated by autograd, BatchNorm's running statistics
+    are updated once per forward as on the plain path. Without gradients, under
+    ``torch.jit``, ``torch.export``, ``torch.compile``, ``torch.func`` transforms, with
+    module hooks on a submodule or with layers replaced by others, the plain modules
+    run. Set ``fast_path = False`` to always run them.
+
     Args:
         channels: :math:`C`, the number of input (and output) channels.
         reduction: :math:`r` (32 in the paper).
@@ -100,6 +113,10 @@ class CoordAttentionBlock(AttentionBlock):
     has_spatial_map = True
     spatial_dims: tuple[int, ...] = (2,)
     spatial_dims_reason = "its gates are defined along height and width"
+    #: Whether to run the fused node (strip pools, gates and scaling in one autograd
+    #: node, fewer passes over the map in the backward) when there is a backward pass
+    #: (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
+    fast_path: bool = True
 
     def __init__(
         self,
@@ -143,15 +160,37 @@ class CoordAttentionBlock(AttentionBlock):
             nan = float("nan")
             g_h = x.new_full((n, c, height, 1), nan, dtype=dtype)
             return g_h, x.new_full((n, c, 1, width), nan, dtype=dtype)
-        acc = accumulation_dtype(x.dtype)
-        along_h = x.mean(dim=3, keepdim=True, dtype=acc)  # (N, C, H, 1)
-        along_w = x.mean(dim=2, keepdim=True, dtype=acc)  # (N, C, 1, W)
+        return self._strip_gates(*strip_pools(x))
+
+    def _strip_gates(
+        self, along_h: torch.Tensor, along_w: torch.Tensor, *, update_stats: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gates from the strips ``(N, C, H, 1)`` and ``(N, C, 1, W)``.
+
+        With ``update_stats=False`` BatchNorm normalises as it would but leaves its
+        running statistics alone (the fused node's double-backward path recomputes).
+        """
+        height = along_h.shape[2]
         joint = torch.cat([along_h, along_w.transpose(2, 3)], dim=2)  # (N, C, H + W, 1)
-        joint = self.act(self.bn1(self.conv1(to_dtype(joint, self.conv1.weight.dtype))))
-        f_h, f_w = torch.split(joint, [height, width], dim=2)
+        joint = self.conv1(to_dtype(joint, self.conv1.weight.dtype))
+        bn = self.bn1 if update_stats else partial(_batch_norm_without_update, self.bn1)
+        joint = bn(joint)
+        f_h, f_w = torch.split(self.act(joint), [height, joint.shape[2] - height], dim=2)
         g_h = self.gate(self.conv_h(f_h))  # (N, C, H, 1)
         g_w = self.gate(self.conv_w(f_w.transpose(2, 3)))  # (N, C, 1, W)
         return g_h, g_w
+
+    def _strip_gate(self) -> StripGate | None:
+        """The gates as the fused node computes them, or ``None`` (layers of other types)."""
+        layers = (self.conv1, self.bn1, self.conv_h, self.conv_w)
+        if tuple(type(m) for m in layers) != (nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.Conv2d):
+            return None
+        return StripGate(
+            fn=self._strip_gates,
+            recompute=partial(self._strip_gates, update_stats=False),
+            params=tuple(self.parameters()),
+            modules=(self.act, self.gate),
+        )
 
     def coordinate_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the height and width gates :math:`(g^h, g^w)` that ``forward`` applies.
@@ -173,10 +212,39 @@ class CoordAttentionBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight ``x`` by its height gate and its width gate."""
         self._check_input(x)
+        fused = try_strip_fused(self, x, self._strip_gate())
+        if fused is not None:
+            out, g_h, g_w = fused
+            if self.has_map_hooks:
+                self._emit_map(g_h * g_w)
+            return match_memory_format(out, x)
         g_h, g_w = self._gates(x)
         if self.has_map_hooks:
             self._emit_map(g_h * g_w)
-        return match_memory_format(x * g_h.to(x.dtype) * g_w.to(x.dtype), x)
+        out = x * to_dtype(g_h, x.dtype)
+        # Without a graph to record, the second product goes into the first's buffer
+        # (not while tracing: a trace must not depend on requires_grad).
+        g_w = to_dtype(g_w, x.dtype)
+        if out.requires_grad or g_w.requires_grad or torch.jit.is_tracing():
+            out = out * g_w
+        else:
+            out = out.mul_(g_w)
+        return match_memory_format(out, x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden_channels={self.hidden_channels}"
+
+
+def _batch_norm_without_update(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` as the module normalises it now, without updating its statistics."""
+    batch_stats = bn.training or bn.running_mean is None
+    return F.batch_norm(
+        x,
+        None if batch_stats else bn.running_mean,
+        None if batch_stats else bn.running_var,
+        bn.weight,
+        bn.bias,
+        batch_stats,
+        0.0,
+        bn.eps,
+    )

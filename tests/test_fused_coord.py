@@ -1,0 +1,412 @@
+"""Coordinate Attention's fused node (``_strip_gate``) against its plain path.
+
+The plain path (``fast_path = False``) is the block's modules under plain autograd; the
+fused node must give the same outputs, the same gradients of the input and of every
+parameter, and leave BatchNorm's running statistics as the plain path does, to the
+standard of the pooled-gate tests (test_fused_gate.py). Every test checks which path
+ran, so a silent fallback cannot make it pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attnblocks import CoordAttentionBlock
+
+FORMATS = ["contiguous", "channels_last"]
+
+
+def make(channels: int = 8, dtype: torch.dtype = torch.float32, **kwargs: object) -> nn.Module:
+    torch.manual_seed(11)
+    return CoordAttentionBlock(channels, **kwargs).to(dtype)  # type: ignore[arg-type]
+
+
+def plain_twin(block: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(block)
+    twin.fast_path = False  # type: ignore[assignment]
+    return twin
+
+
+def took_fused_path(out: torch.Tensor) -> bool:
+    """Whether the fused node is in the graph of ``out`` (it may sit under other ops)."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "StripGateFunction" in type(fn).__name__:
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
+def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "contiguous":
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def has_format(t: torch.Tensor, fmt: str) -> bool:
+    if fmt == "contiguous":
+        return t.is_contiguous()
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def assert_close_f32(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
+    assert actual is not None and expected is not None
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def assert_close_bf16(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
+    assert actual is not None and expected is not None
+    scale = float(expected.detach().abs().max().float())
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
+
+
+def gradients(
+    module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    x = x.detach().requires_grad_(True)
+    out = module(x)
+    grads = torch.autograd.grad(out, [x, *module.parameters()], grad_out, allow_unused=True)
+    return out, list(grads)
+
+
+def compare(
+    block: nn.Module,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    check: Callable[[torch.Tensor | None, torch.Tensor | None], None] = assert_close_f32,
+) -> None:
+    """Fused block against its plain twin: output, every gradient, BatchNorm's statistics."""
+    plain = plain_twin(block)
+    out, grads = gradients(block, x, grad_out)
+    ref, ref_grads = gradients(plain, x, grad_out)
+    assert took_fused_path(out) and not took_fused_path(ref)
+    check(out, ref)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        check(got, expected)
+    for got, expected in zip(block.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 24),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    fmt=st.sampled_from(FORMATS),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_matches_the_plain_path_outputs_gradients_and_statistics(
+    n: int, c: int, h: int, w: int, fmt: str, train: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    block = CoordAttentionBlock(c, hidden_channels=3).train(train)
+    x = to_format(torch.randn(n, c, h, w), fmt)
+    grad_out = to_format(torch.randn(n, c, h, w), fmt)
+    plain = plain_twin(block)
+    out, grads = gradients(block, x, grad_out)
+    ref, ref_grads = gradients(plain, x, grad_out)
+    assert took_fused_path(out)
+    assert has_format(out, fmt) and grads[0] is not None and has_format(grads[0], fmt)
+    # The forward makes the plain path's operations in its order: bitwise equal.
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        assert_close_f32(got, expected)
+    for got, expected in zip(block.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 8, 6, 5), "contiguous"),  # float32 NCHW: batched matrix-vector products
+        ((2, 8, 6, 5), "channels_last"),  # multiply and sum
+    ],
+)
+def test_both_backward_kernels_with_either_gradient_layout(
+    shape: tuple[int, ...], fmt: str
+) -> None:
+    block = make()
+    x = to_format(torch.randn(shape), fmt)
+    for grad_out in (to_format(torch.randn(shape), "contiguous"), torch.randn(shape)):
+        compare(block, x, to_format(grad_out, fmt))
+        compare(block, x, grad_out)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("train", [True, False])
+def test_gradcheck_float64(fmt: str, train: bool) -> None:
+    block = make(4, torch.float64, hidden_channels=3).train(train)
+    names = [n for n, _ in block.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in block.parameters())
+    x = to_format(torch.randn(2, 4, 3, 4, dtype=torch.float64), fmt).requires_grad_(True)
+
+    def fn(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(block, dict(zip(names, ps, strict=True)), (x,))
+
+    assert took_fused_path(fn(x, *params))
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    # Random projections (fast_mode): the full second-order check takes minutes.
+    assert torch.autograd.gradgradcheck(fn, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_double_backward_matches_plain_autograd_and_counts_the_batch_once(train: bool) -> None:
+    block = make(8, torch.float64).train(train)
+    plain = plain_twin(block)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+
+    def penalty(module: nn.Module) -> list[torch.Tensor | None]:
+        xg = x.clone().requires_grad_(True)
+        out = module(xg)
+        assert took_fused_path(out) == (module is block)
+        (gx,) = torch.autograd.grad(out.square().sum(), xg, create_graph=True)
+        return list(
+            torch.autograd.grad(gx.square().sum(), [xg, *module.parameters()], allow_unused=True)
+        )
+
+    for got, expected in zip(penalty(block), penalty(plain), strict=True):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected)
+    # The recomputation for the second derivative leaves BatchNorm's statistics alone.
+    assert int(block.bn1.num_batches_tracked) == (1 if train else 0)
+    for got, expected in zip(block.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bfloat16_input_and_autocast_agree_with_the_plain_path(fmt: str) -> None:
+    # Eval mode: in training mode the gradient of the bias before BatchNorm is 0 up to
+    # rounding, which bfloat16 makes as large as the gradient itself on both paths.
+    block = make().eval()
+    x = to_format(torch.randn(3, 8, 9, 7), fmt)
+    grad_out = to_format(torch.randn(3, 8, 9, 7), fmt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compare(block, x, grad_out, check=assert_close_bf16)
+    compare(
+        block.to(torch.bfloat16),
+        x.to(torch.bfloat16),
+        grad_out.to(torch.bfloat16),
+        check=assert_close_bf16,
+    )
+
+
+def test_float16_of_magnitude_3000_over_64x64_stays_finite() -> None:
+    block = make()  # float32 parameters, float16 input
+    x = (3000 + 10 * torch.randn(2, 8, 64, 64)).half().requires_grad_(True)
+    out = block(x)
+    assert took_fused_path(out)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().sum().backward()  # the gates' gradients sum 3000s over 64 positions
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_partial_requires_grad_and_broadcast_grad_output() -> None:
+    block, x = make(), torch.randn(3, 8, 4, 5)
+    plain = plain_twin(block)
+    # out.sum().backward() hands the block an expanded (stride-0) gradient.
+    xgrads = []
+    for module in (block, plain):
+        xg = x.clone().requires_grad_(True)
+        out = module(xg)
+        assert took_fused_path(out) == (module is block)
+        out.sum().backward()
+        xgrads.append(xg.grad)
+    assert_close_f32(*xgrads)
+    for p, q in zip(block.parameters(), plain.parameters(), strict=True):
+        assert_close_f32(p.grad, q.grad)
+    # Input without grad (first layer): only the parameters' gradients.
+    out = block(x)
+    assert took_fused_path(out)
+    got = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    expected = torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))
+    for g, e in zip(got, expected, strict=True):
+        assert_close_f32(g, e)
+    # Frozen parameters (fine-tuning the rest): only the input's gradient.
+    block.requires_grad_(False)
+    plain.requires_grad_(False)
+    xg, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = block(xg)
+    assert took_fused_path(out)
+    out.square().sum().backward()
+    plain(xp).square().sum().backward()
+    assert_close_f32(xg.grad, xp.grad)
+
+
+def test_map_hooks_see_the_map_of_the_plain_path() -> None:
+    block = make()
+    plain = plain_twin(block)
+    seen: list[torch.Tensor] = []
+    for module in (block, plain):
+        module.register_map_hook(lambda m, attention_map: seen.append(attention_map))
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    assert took_fused_path(block(x)) and not took_fused_path(plain(x))
+    assert len(seen) == 2 and not seen[0].requires_grad and seen[0].shape == x.shape
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
+
+
+def test_without_gradients_the_plain_path_runs() -> None:
+    block = make()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        no_grad = block(x)
+    with torch.inference_mode():
+        inference = block(x)
+    frozen = copy.deepcopy(block).requires_grad_(False)
+    for out in (no_grad, inference, frozen(x)):
+        assert out.grad_fn is None
+    torch.testing.assert_close(no_grad, plain_twin(block)(x).detach(), rtol=0, atol=0)
+
+
+def test_fallbacks_take_the_plain_path_and_stay_correct() -> None:
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    block = make()
+    expected = plain_twin(block)(x)
+    block.fast_path = False  # type: ignore[assignment]
+    assert not took_fused_path(block(x))
+    # A forward hook on any submodule must still be called.
+    for name in ("conv1", "bn1", "act", "conv_w"):
+        hooked = make()
+        calls: list[str] = []
+        getattr(hooked, name).register_forward_hook(lambda *args, c=calls: c.append("hook"))
+        out = hooked(x)
+        assert not took_fused_path(out) and calls
+        assert_close_f32(out, expected)
+    # A global module hook, likewise.
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not took_fused_path(make()(x))
+    finally:
+        handle.remove()
+    # Modules with state of their own, or of another type than the block built.
+    stateful = make(activation=nn.PReLU)
+    assert not took_fused_path(stateful(x))
+
+    class Conv(nn.Conv2d):
+        pass
+
+    replaced = make()
+    replaced.conv1 = Conv(8, 8, 1)
+    assert not took_fused_path(replaced(x))
+
+
+def test_meta_tensors_give_shapes() -> None:
+    block = make().to("meta")
+    x = torch.empty(2, 8, 8, 6, device="meta", requires_grad=True)
+    out = block(x)
+    assert took_fused_path(out) and out.shape == x.shape and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5), (2, 8, 5, 0)])
+def test_empty_input_is_handled_like_the_plain_path(shape: tuple[int, ...]) -> None:
+    block = make()
+    for module in (block, plain_twin(block)):
+        x = torch.randn(shape, requires_grad=True)
+        out = module(x)
+        assert not took_fused_path(out)
+        out.sum().backward()
+        assert out.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+    assert int(block.bn1.num_batches_tracked) == 0
+
+
+def test_retain_graph_and_a_second_backward() -> None:
+    block = make()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    out = block(x)
+    assert took_fused_path(out)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x, grad_out)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing(use_reentrant: bool) -> None:
+    block = make().eval()  # eval: the recomputation sees the same BatchNorm statistics
+    plain = plain_twin(block)
+    x = torch.randn(2, 8, 8, 8)
+    xc, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = torch.utils.checkpoint.checkpoint(block, xc, use_reentrant=use_reentrant)
+    ref = plain(xp)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_close_f32(out, ref)
+    assert_close_f32(xc.grad, xp.grad)
+    for p, q in zip(block.parameters(), plain.parameters(), strict=True):
+        assert_close_f32(p.grad, q.grad)
+
+
+def test_torch_func_transforms_fall_back_to_plain_autograd() -> None:
+    block = make().eval()  # per-sample gradients: no batch statistics
+    plain = plain_twin(block)
+    x = torch.randn(4, 8, 3, 3)
+    params = {n: p.detach() for n, p in block.named_parameters()}
+
+    def per_sample(module: nn.Module) -> dict[str, torch.Tensor]:
+        def loss(p: dict, xs: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(module, p, (xs[None],)).square().sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    got, expected = per_sample(block), per_sample(plain)
+    for n in params:
+        assert_close_f32(got[n], expected[n])
+    tangent = torch.randn_like(x)
+    _, jvp = torch.func.jvp(block, (x,), (tangent,))
+    _, jvp_plain = torch.func.jvp(plain, (x,), (tangent,))
+    assert_close_f32(jvp, jvp_plain)
+
+
+def test_torch_export_records_the_plain_modules() -> None:
+    block = make().eval()
+    x = torch.randn(2, 8, 5, 5)
+    exported = torch.export.export(block, (x,))
+    assert "autograd_function" not in exported.graph_module.code
+    torch.testing.assert_close(exported.module()(x), plain_twin(block)(x), rtol=0, atol=0)
+
+
+def test_jit_trace_records_the_plain_modules_and_trains() -> None:
+    block = make().eval()
+    plain = plain_twin(block)
+    x = torch.randn(2, 8, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(block, (x,))
+    grad_out = torch.randn_like(x)
+    out, grads = gradients(traced, x, grad_out)
+    ref, ref_grads = gradients(plain, x, grad_out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        assert_close_f32(got, expected)
+
+
+def test_torch_compile_falls_back_and_stays_correct() -> None:
+    block = make()
+    plain = plain_twin(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = to_format(torch.randn(2, 8, 6, 6), "channels_last")
+    grad_out = torch.randn_like(x)
+    out, grads = gradients(compiled, x, grad_out)
+    ref, ref_grads = gradients(plain, x, grad_out)
+    assert_close_f32(out, ref)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        assert_close_f32(got, expected)
