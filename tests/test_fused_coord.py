@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from attnblocks import CoordAttentionBlock
 
@@ -345,7 +346,7 @@ def test_activation_checkpointing(use_reentrant: bool) -> None:
     plain = plain_twin(block)
     x = torch.randn(2, 8, 8, 8)
     xc, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = torch.utils.checkpoint.checkpoint(block, xc, use_reentrant=use_reentrant)
+    out = checkpoint(block, xc, use_reentrant=use_reentrant)
     ref = plain(xp)
     out.square().sum().backward()
     ref.square().sum().backward()

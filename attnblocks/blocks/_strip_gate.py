@@ -30,7 +30,7 @@ autograd, at its speed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from attnblocks._torch_compat import is_compiling
 from attnblocks.blocks._fused_gate import fused_allowed, is_stateless
 from attnblocks.blocks._ops import accumulation_dtype, to_dtype
 
-__all__ = ["StripGate", "StripGateFunction", "strip_pools", "try_strip_fused"]
+__all__ = ["HasStripGate", "StripGate", "StripGateFunction", "strip_pools", "try_strip_fused"]
 
 #: ``(z_h, z_w) -> (g_h, g_w)``: the gates of the two strips.
 StripGateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -85,19 +85,29 @@ def strip_pools(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return along_h, x.mean(dim=2, keepdim=True, dtype=acc)
 
 
+class HasStripGate(Protocol):
+    """A block with two axis gates: its ``_strip_gate()`` describes them (``None``: no node)."""
+
+    def _strip_gate(self) -> StripGate | None: ...
+
+
 def try_strip_fused(
-    block: nn.Module, x: torch.Tensor, gate: StripGate | None
+    block: HasStripGate, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(x * g_h * g_w, g_h, g_w)`` from the fused node, or ``None``: take the plain path.
 
     The node runs when :func:`~._fused_gate.fused_allowed` allows it for ``block``,
-    ``gate`` is not ``None`` (the block found its layers of the types it built), the
-    modules the gate calls are stateless, ``x`` is a non-empty 4-D map, something
-    needs a gradient (without a backward pass it saves nothing), and ``torch.compile``
-    is not tracing (dynamo cannot trace the autograd call inside the backward). The
-    returned gates are detached (for the block's map hooks).
+    ``x`` is a non-empty 4-D map, ``block._strip_gate()`` is not ``None`` (the block
+    found its layers of the types it built), the modules the gate calls are
+    stateless, something needs a gradient (without a backward pass it saves
+    nothing), and ``torch.compile`` is not tracing (dynamo cannot trace the autograd
+    call inside the backward). The returned gates are detached (for the block's map
+    hooks).
     """
-    if gate is None or not fused_allowed(block) or x.dim() != 4 or x.numel() == 0:
+    if x.dim() != 4 or x.numel() == 0 or not fused_allowed(block):  # type: ignore[arg-type]
+        return None
+    gate = block._strip_gate()
+    if gate is None:
         return None
     if not (x.requires_grad or any(p.requires_grad for p in gate.params)):
         return None

@@ -212,7 +212,7 @@ class CoordAttentionBlock(AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight ``x`` by its height gate and its width gate."""
         self._check_input(x)
-        fused = try_strip_fused(self, x, self._strip_gate())
+        fused = try_strip_fused(self, x)
         if fused is not None:
             out, g_h, g_w = fused
             if self.has_map_hooks:
