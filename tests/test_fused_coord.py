@@ -15,6 +15,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _fused_helpers import (
+    assert_close_bf16,
+    assert_close_f32,
+    has_format,
+    has_node,
+    plain_twin,
+    to_format,
+)
+from _fused_helpers import gradients as shared_gradients
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,58 +39,15 @@ def make(channels: int = 8, dtype: torch.dtype = torch.float32, **kwargs: object
     return CoordAttentionBlock(channels, **kwargs).to(dtype)  # type: ignore[arg-type]
 
 
-def plain_twin(block: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(block)
-    twin.fast_path = False  # type: ignore[assignment]
-    return twin
-
-
 def took_fused_path(out: torch.Tensor) -> bool:
-    """Whether the fused node is in the graph of ``out`` (it may sit under other ops)."""
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "StripGateFunction" in type(fn).__name__:
-            return True
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return False
-
-
-def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "contiguous":
-        return x.contiguous()
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def has_format(t: torch.Tensor, fmt: str) -> bool:
-    if fmt == "contiguous":
-        return t.is_contiguous()
-    return t.is_contiguous(memory_format=torch.channels_last)
-
-
-def assert_close_f32(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
-    assert actual is not None and expected is not None
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
-
-
-def assert_close_bf16(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
-    assert actual is not None and expected is not None
-    scale = float(expected.detach().abs().max().float())
-    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
+    """Whether the strip-gate node is in the graph of ``out``."""
+    return has_node(out, "StripGateFunction")
 
 
 def gradients(
     module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    x = x.detach().requires_grad_(True)
-    out = module(x)
-    grads = torch.autograd.grad(out, [x, *module.parameters()], grad_out, allow_unused=True)
-    return out, list(grads)
+    return shared_gradients(module, x, list(module.parameters()), grad_out)
 
 
 def compare(

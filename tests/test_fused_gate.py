@@ -18,6 +18,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _fused_helpers import (
+    assert_close_bf16,
+    assert_close_f32,
+    gradients,
+    has_format,
+    has_node,
+    plain_twin,
+    to_format,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -57,63 +66,9 @@ def make(name: str, channels: int = 8, dtype: torch.dtype = torch.float32) -> At
     return USERS[name][0](channels).to(dtype)
 
 
-def plain_twin(block: AttentionBlock) -> AttentionBlock:
-    twin = copy.deepcopy(block)
-    twin.fast_path = False  # type: ignore[attr-defined]
-    return twin
-
-
 def took_fused_path(out: torch.Tensor) -> bool:
-    """Whether the fused node is in the graph of ``out`` (it may sit under other ops)."""
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "ChannelGateFunction" in type(fn).__name__:
-            return True
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return False
-
-
-def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "contiguous":
-        return x.contiguous()
-    perm = (0, *range(2, x.dim()), 1)
-    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
-    return x.permute(perm).contiguous().permute(inverse)
-
-
-def has_format(t: torch.Tensor, fmt: str) -> bool:
-    if fmt == "contiguous":
-        return t.is_contiguous()
-    return t.permute(0, *range(2, t.dim()), 1).is_contiguous()
-
-
-def gradients(
-    module: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    params: list[torch.Tensor],
-    grad_out: torch.Tensor,
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    x = x.detach().requires_grad_(True)
-    out = module(x)
-    grads = torch.autograd.grad(out, [x, *params], grad_out, allow_unused=True)
-    return out, list(grads)
-
-
-def assert_close_f32(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
-    assert actual is not None and expected is not None
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
-
-
-def assert_close_bf16(actual: torch.Tensor | None, expected: torch.Tensor | None) -> None:
-    assert actual is not None and expected is not None
-    scale = float(expected.detach().abs().max().float())
-    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
+    """Whether the pooled-gate node is in the graph of ``out``."""
+    return has_node(out, "ChannelGateFunction")
 
 
 def compare(
