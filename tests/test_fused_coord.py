@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnblocks import CoordAttentionBlock
+from attnblocks.blocks._strip_gate import strip_pools
 
 FORMATS = ["contiguous", "channels_last"]
 
@@ -172,6 +173,17 @@ def test_bfloat16_input_and_autocast_agree_with_the_plain_path(fmt: str) -> None
         grad_out.to(torch.bfloat16),
         check=assert_close_bf16,
     )
+
+
+def test_cpu_autocast_keeps_the_strip_sums_in_float32() -> None:
+    # The height strip of a contiguous float32 map is a matrix-vector product, which an
+    # autocast could run in bfloat16; under autocast it is the float32 mean instead.
+    x = torch.randn(4, 8, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        along_h, along_w = strip_pools(x)
+    assert along_h.dtype == along_w.dtype == torch.float32
+    torch.testing.assert_close(along_h, x.mean(dim=3, keepdim=True))
+    torch.testing.assert_close(along_w, x.mean(dim=2, keepdim=True))
 
 
 def test_float16_of_magnitude_3000_over_64x64_stays_finite() -> None:
