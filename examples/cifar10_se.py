@@ -199,10 +199,11 @@ def _run_options(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument(
         "--compare",
-        nargs=2,
+        nargs="+",
         metavar="RUN_DIR",
         default=None,
-        help="build the joint summary and figures of two finished runs into --out",
+        help="build the joint summary and figures of finished runs (any number of run "
+        "folders, e.g. one per seed) into --out",
     )
     run.add_argument("--no-plots", action="store_true", help="skip the figures")
     run.add_argument(

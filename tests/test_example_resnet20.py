@@ -231,6 +231,15 @@ def _fake_summary(arm_seeds: dict[str, list[int]], recipe: str = "resnet20") -> 
     return {"recipe": {"name": recipe}, "arms": arms}
 
 
+def test_compare_takes_any_number_of_run_folders() -> None:
+    # The study joins 8 folders in one --compare (examples/resnet20_study.sh).
+    import cifar10_se
+
+    folders = [f"runs/s{k}" for k in range(8)]
+    args = cifar10_se.parse_args(["--compare", *folders, "--out", "all"])
+    assert args.compare == folders and args.out == "all"
+
+
 def test_merge_arms_joins_seeds_of_one_arm_across_run_folders() -> None:
     from se_cifar.report import merge_arms
 

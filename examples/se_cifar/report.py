@@ -433,7 +433,7 @@ def merge_arms(summaries: list[dict[str, Any]], run_dirs: list[Path]) -> dict[st
 
 
 def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
-    """Join two finished runs (e.g. one per arm) into one summary and one set of figures."""
+    """Join finished runs (one per arm, one per seed, ...) into one summary and figures."""
     summaries = []
     for run_dir in run_dirs:
         path = run_dir / "summary.json"
