@@ -29,7 +29,7 @@ are in its docstring); each block describes its gate as a :class:`PooledGate` in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "PooledGate",
     "fused_allowed",
     "fused_gate_values",
+    "grads_where",
     "is_stateless",
     "try_fused",
 ]
@@ -305,6 +306,28 @@ class ChannelGateFunction(torch.autograd.Function):
         return (grad_x, None, *grad_params)
 
 
+def grads_where(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | None],
+    wanted: Sequence[bool],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor],
+    **kwargs: bool,
+) -> Grads:
+    """:func:`torch.autograd.grad` of ``outputs`` for the ``inputs`` marked in ``wanted``.
+
+    One entry per input: its gradient where wanted (``None`` if ``outputs`` does not
+    depend on it), ``None`` elsewhere; no autograd call when nothing is wanted.
+    ``kwargs`` go to :func:`torch.autograd.grad` (``retain_graph``, ``create_graph``).
+    """
+    pairs = list(zip(inputs, wanted, strict=True))
+    targets = [t for t, want in pairs if want and t is not None]
+    grads: Grads = ()
+    if targets:
+        grads = torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True, **kwargs)
+    found = iter(grads)
+    return tuple(next(found) if want and t is not None else None for t, want in pairs)
+
+
 def _autograd_backward(
     inner: _Recorded, grad_gate: torch.Tensor, needs: tuple[bool, ...]
 ) -> tuple[Grads, Grads]:
@@ -315,19 +338,10 @@ def _autograd_backward(
     wanted = [
         need and t is not None and t.requires_grad for t, need in zip(inputs, needs, strict=True)
     ]
-    targets = [t for t, want in zip(inputs, wanted, strict=True) if want and t is not None]
-    grads: Grads = ()
-    if targets:
-        # retain_graph: the outer graph may be retained and run backward again.
-        grads = torch.autograd.grad(
-            recorded,
-            targets,
-            to_dtype(grad_gate, recorded.dtype),
-            retain_graph=True,
-            allow_unused=True,
-        )
-    found = iter(grads)
-    out = tuple(next(found) if want else None for want in wanted)
+    # retain_graph: the outer graph may be retained and run backward again.
+    out = grads_where(
+        recorded, inputs, wanted, to_dtype(grad_gate, recorded.dtype), retain_graph=True
+    )
     return out[: len(leaves)], out[len(leaves) :]
 
 
@@ -340,11 +354,7 @@ def _backward_by_autograd(
 ) -> tuple[torch.Tensor | None, ...]:
     with torch.enable_grad():
         out = x * per_channel(gate.fn(*_pool(x, gate), *params), x)
-    inputs = (x, *params)
-    wanted = [need and t is not None for t, need in zip(inputs, needs, strict=True)]
-    targets = [t for t, want in zip(inputs, wanted, strict=True) if want and t is not None]
-    grads = iter(torch.autograd.grad(out, targets, grad_out, create_graph=True, allow_unused=True))
-    grad_x, *grad_params = (next(grads) if want else None for want in wanted)
+    grad_x, *grad_params = grads_where(out, (x, *params), needs, grad_out, create_graph=True)
     return (grad_x, None, *grad_params)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 
 from attnblocks._torch_compat import autocast_dtype, is_compiling
-from attnblocks.blocks._fused_gate import fused_allowed, is_stateless
+from attnblocks.blocks._fused_gate import fused_allowed, grads_where, is_stateless
 from attnblocks.blocks._ops import accumulation_dtype, to_dtype
 
 __all__ = ["HasStripGate", "StripGate", "StripGateFunction", "strip_pools", "try_strip_fused"]
@@ -172,19 +172,14 @@ class StripGateFunction(torch.autograd.Function):
             need and t.requires_grad
             for t, need in zip(inputs, (need_x, need_x, *need_params), strict=True)
         ]
-        targets = [t for t, want in zip(inputs, wanted, strict=True) if want]
-        grads: tuple[torch.Tensor | None, ...] = ()
-        if targets:
-            # retain_graph: the outer graph may be retained and run backward again.
-            grads = torch.autograd.grad(
-                recorded,
-                targets,
-                (to_dtype(grad_g_h, recorded[0].dtype), to_dtype(grad_g_w, recorded[1].dtype)),
-                retain_graph=True,
-                allow_unused=True,
-            )
-        found = iter(grads)
-        grad_z_h, grad_z_w, *grad_params = (next(found) if want else None for want in wanted)
+        grad_outputs = (
+            to_dtype(grad_g_h, recorded[0].dtype),
+            to_dtype(grad_g_w, recorded[1].dtype),
+        )
+        # retain_graph: the outer graph may be retained and run backward again.
+        grad_z_h, grad_z_w, *grad_params = grads_where(
+            recorded, inputs, wanted, grad_outputs, retain_graph=True
+        )
         grad_x = None
         if need_x:
             grad_x = _grad_input(grad_out, x, g_h, g_w, grad_z_h, grad_z_w, product)
@@ -201,11 +196,7 @@ def _backward_by_autograd(
     with torch.enable_grad():
         g_h, g_w = gate.recompute(*strip_pools(x))
         out = x * to_dtype(g_h, x.dtype) * to_dtype(g_w, x.dtype)
-    inputs = (x, *params)
-    wanted = [need and t.requires_grad for t, need in zip(inputs, needs, strict=True)]
-    targets = [t for t, want in zip(inputs, wanted, strict=True) if want]
-    grads = iter(torch.autograd.grad(out, targets, grad_out, create_graph=True, allow_unused=True))
-    grad_x, *grad_params = (next(grads) if want else None for want in wanted)
+    grad_x, *grad_params = grads_where(out, (x, *params), needs, grad_out, create_graph=True)
     return (grad_x, None, *grad_params)
 
 
