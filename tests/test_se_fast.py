@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from _fused_helpers import assert_close_bf16, assert_close_f32, has_format, to_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -64,22 +65,6 @@ def took_fused_path(out: torch.Tensor) -> bool:
     return out.grad_fn is not None and "ChannelGateFunction" in type(out.grad_fn).__name__
 
 
-def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Lay ``x`` out with the channels innermost (``channels_last``) or contiguous."""
-    if fmt == "contiguous":
-        return x.contiguous()
-    perm = (0, *range(2, x.dim()), 1)
-    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
-    return x.permute(perm).contiguous().permute(inverse)
-
-
-def has_format(t: torch.Tensor, fmt: str) -> bool:
-    """Whether ``t`` is laid out as :func:`to_format` lays tensors out."""
-    if fmt == "contiguous":
-        return t.is_contiguous()
-    return t.permute(0, *range(2, t.dim()), 1).is_contiguous()
-
-
 def gradients(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -90,18 +75,6 @@ def gradients(
     out = fn(x)
     grads = torch.autograd.grad(out, [x, *params], grad_out)
     return out, list(grads)
-
-
-def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to float32 rounding of sums: relative 1e-5 of the tensor's scale."""
-    scale = max(1.0, float(expected.detach().abs().max()))
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
-
-
-def assert_close_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to bfloat16 rounding (8 significant bits) of the tensor's scale."""
-    scale = float(expected.detach().abs().max())
-    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
 
 
 def make_block(
