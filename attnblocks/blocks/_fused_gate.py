@@ -46,6 +46,7 @@ from attnblocks._torch_compat import (
 )
 from attnblocks.blocks._ops import (
     accumulation_dtype,
+    count_true,
     global_avg_pool,
     global_avg_pool_for,
     global_max_pool,
@@ -458,6 +459,6 @@ def _add_max_grad(
     that hold the maximum (ReLU maps often tie at 0).
     """
     hits = x == per_channel(maximum, x)
-    count = hits.sum(dim=spatial_dims_of(x), dtype=grad_max.dtype)
+    count = count_true(hits, spatial_dims_of(x)).reshape(grad_max.shape)
     share = per_channel(grad_max / count, x)
     grad_x.addcmul_(hits, share)

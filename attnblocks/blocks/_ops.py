@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from attnblocks._errors import InvalidInputError
-from attnblocks._torch_compat import is_compiling
+from attnblocks._torch_compat import is_compiling, is_exporting
 from attnblocks._validation import check_feature_map
 
 __all__ = [
     "accumulation_dtype",
     "channel_projection",
     "check_block_input",
+    "count_true",
     "global_avg_pool",
     "global_avg_pool_for",
     "global_max_pool",
@@ -96,6 +97,29 @@ def has_zero_extent(x: torch.Tensor) -> bool:
     (True, False)
     """
     return 0 in x.shape[2:]
+
+
+def count_true(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The number of ``True`` values of a boolean ``mask`` over ``dims`` (keepdim), exact.
+
+    A sum of booleans into any wider type first converts the whole mask (a full-size
+    temporary, 4.3 ms of a 13 ms backward at (256, 16, 32, 32)); a ``uint8`` sum reads
+    it as it is. So the last of ``dims`` is summed in ``uint8`` when it has at most 255
+    entries (no overflow), and the rest, now that much smaller, in ``int32``.
+
+    >>> mask = torch.tensor([[[True, False, True], [True, True, True]]])
+    >>> count_true(mask, (1, 2)).flatten().tolist(), count_true(mask, (2,)).flatten().tolist()
+    ([5], [2, 3])
+    """
+    dims = tuple(d % mask.dim() for d in dims)
+    last = max(dims)
+    if mask.shape[last] > 255:
+        return mask.sum(dim=dims, keepdim=True, dtype=torch.int32)
+    partial = mask.view(torch.uint8).sum(dim=last, keepdim=True, dtype=torch.uint8)
+    rest = tuple(d for d in dims if d != last)
+    if not rest:
+        return partial.to(torch.int32)
+    return partial.sum(dim=rest, keepdim=True, dtype=torch.int32)
 
 
 # The largest float32 temporary, in elements, that a half-type reduction makes on the CPU.
@@ -190,7 +214,35 @@ def global_max_pool(x: torch.Tensor) -> torch.Tensor:
     """
     if has_zero_extent(x):
         return x.new_full(x.shape[:2], float("nan"), dtype=accumulation_dtype(x.dtype))
-    return x.amax(dim=spatial_dims_of(x)).to(accumulation_dtype(x.dtype))
+    if _max_pool_kernel_applies(x):
+        # The same values (a maximum is exact, NaN propagates), from the max-pool kernel.
+        maximum = F.adaptive_max_pool2d(x, 1).flatten(1)
+    else:
+        maximum = x.amax(dim=spatial_dims_of(x))
+    return maximum.to(accumulation_dtype(x.dtype))
+
+
+def _max_pool_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`global_max_pool` may use the max-pool kernel for ``x``.
+
+    Only where it is faster and where nothing is differentiated through it: its
+    backward sends a tied maximum's gradient to one position, ``amax``'s splits it
+    between all of them, and both paths of a block must agree. Faster means a
+    channels-last 4-D map on the CPU in bfloat16, or with fewer than 32 channels (then
+    ``amax`` reduces a short inner dimension). Measured against ``amax`` on 1 and 2
+    threads: 5.8x-7.5x at (256, 16, 32, 32), float32 and bfloat16; 1.1x-1.4x in
+    bfloat16 at 64 to 512 channels; 0.5x-0.8x in float32 at 32 to 512 channels.
+    Traces and exports keep ``amax``, whatever the example input.
+    """
+    return (
+        not (torch.jit.is_tracing() or is_exporting())
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and (x.dtype == torch.bfloat16 or (x.shape[1] < 32 and x.dtype.is_floating_point))
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

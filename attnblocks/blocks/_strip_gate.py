@@ -114,7 +114,7 @@ def try_strip_fused(
     call inside the backward). The returned gates are detached (for the block's map
     hooks).
     """
-    if x.dim() != 4 or x.numel() == 0 or not fused_allowed(block):  # type: ignore[arg-type]
+    if not fused_allowed(block) or x.dim() != 4 or x.numel() == 0:  # type: ignore[arg-type]
         return None
     gate = block._strip_gate()
     if gate is None:

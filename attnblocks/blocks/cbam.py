@@ -17,7 +17,6 @@ from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate
 from attnblocks.blocks._layers import ACTIVATIONS, GATES, LayerSpec, make_layer
 from attnblocks.blocks._ops import (
-    accumulation_dtype,
     global_avg_pool,
     global_max_pool,
     has_zero_extent,
@@ -29,6 +28,7 @@ from attnblocks.blocks._ops import (
 from attnblocks.blocks._options import hidden_width
 from attnblocks.blocks._registry import register_block
 from attnblocks.blocks._se_function import linear_mlp, linear_params
+from attnblocks.blocks._spatial_gate import SpatialGate, channel_pools, try_spatial_fused
 
 __all__ = ["CBAMBlock"]
 
@@ -106,9 +106,9 @@ class CBAMBlock(AttentionBlock):
     has_spatial_map = True
     spatial_dims: tuple[int, ...] = (2,)
     spatial_dims_reason = "its spatial attention is a 2D convolution"
-    #: Whether ``forward`` may run the channel gate as the fused channel-gating node
-    #: when there is a backward pass (as :attr:`SEBlock.fast_path
-    #: <attnblocks.SEBlock.fast_path>`).
+    #: Whether ``forward`` may run the channel gate as the fused channel-gating node, and
+    #: the spatial step as the fused spatial node (``_spatial_gate``), when there is a
+    #: backward pass (as :attr:`SEBlock.fast_path <attnblocks.SEBlock.fast_path>`).
     fast_path: bool = True
 
     def __init__(
@@ -162,12 +162,24 @@ class CBAMBlock(AttentionBlock):
         return self._scale(self.gate(self._mlp(avg) + self._mlp(mx)))
 
     def _spatial_gate(self, refined: torch.Tensor) -> torch.Tensor:
-        avg = refined.mean(dim=1, keepdim=True, dtype=accumulation_dtype(refined.dtype))
-        mx = refined.amax(dim=1, keepdim=True).to(avg.dtype)
-        maps = to_dtype(torch.cat([avg, mx], dim=1), self.spatial_conv.weight.dtype)
+        return self._spatial_gate_of(*channel_pools(refined))
+
+    def _spatial_gate_of(self, avg: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
+        """:math:`M_s` from the channel pools of :func:`channel_pools` (both paths call it)."""
+        maps = torch.cat([avg, maximum.to(avg.dtype)], dim=1)
+        maps = to_dtype(maps, self.spatial_conv.weight.dtype)
         # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
         logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
         return self._scale(self.gate(logits))
+
+    def _spatial_gate_spec(self) -> SpatialGate | None:
+        """The spatial gate as the fused node computes it, or ``None`` (a replaced layer)."""
+        conv = self.spatial_conv
+        if type(conv) is not nn.Conv2d:
+            return None
+        return SpatialGate(
+            fn=self._spatial_gate_of, params=tuple(conv.parameters()), modules=(self.gate,)
+        )
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """Return the channel gate :math:`M_c(x)` of shape :math:`(N, C)`."""
@@ -188,9 +200,13 @@ class CBAMBlock(AttentionBlock):
         refined = self._fused_forward(x)
         if refined is None:
             refined = self._apply_gate(x, self._channel_gate(x))
-        spatial = self._spatial_gate(refined)
+        fused = try_spatial_fused(self, refined)
+        if fused is not None:
+            out, spatial = fused
+        else:
+            spatial = self._spatial_gate(refined)
+            out = refined * spatial.to(x.dtype)
         self._emit_map(spatial)
-        out = refined * spatial.to(x.dtype)
         return match_memory_format(out, x)
 
     def _pooled_gate(self, x: torch.Tensor) -> PooledGate | None:
