@@ -475,6 +475,27 @@ def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> Non
                 build(name, 6, {**options, "gate": bad})
 
 
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_an_input_on_another_device_than_the_parameters_is_refused(
+    name: str, options: dict[str, Any]
+) -> None:
+    block = build(name, 6, options)
+    x = torch.randn(2, 6, *([4] * spatial_ranks(block)[0]))
+    meta_x = x.to("meta")
+    if not list(block.parameters()):  # nothing to disagree with: it runs where x is
+        assert block(meta_x).device.type == "meta"
+        return
+    with pytest.raises(InvalidInputError, match=r"parameters on cpu, but the input is on meta"):
+        block(meta_x)
+    if block.has_channel_gate:
+        with pytest.raises(InvalidInputError, match="input is on meta"):
+            block.excitation(meta_x)
+    meta_block = copy.deepcopy(block).to("meta")
+    with pytest.raises(InvalidInputError, match=r"parameters on meta, but the input is on cpu"):
+        meta_block(x)
+    assert meta_block(meta_x).shape == x.shape  # same device: fine
+
+
 def test_unknown_block_name_lists_every_valid_name() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         create_block("squeeze-excite-v9", 64)
