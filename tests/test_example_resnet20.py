@@ -179,6 +179,8 @@ def test_resnet20_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert summary["recipe"]["epochs"] == 1 and summary["recipe"]["precision"] == "fp32"
     assert summary["arms"]["se"]["params"] == 272_095
     assert "90" in summary["arms"]["se"]["runs"][0]["time_to_accuracy"]
+    run = summary["arms"]["se"]["runs"][0]
+    assert run["epoch_time_s_median"] == run["epoch_time_s"] > 0  # one epoch
     # the figures' inputs from ResNet-20's feature, Grad-CAM and gate sites; the drawing
     # itself (seconds per figure, the same code as the tutorial's) is stubbed out here
     from se_cifar import report
@@ -270,3 +272,25 @@ def test_merge_arms_refuses_a_seed_twice_and_mixed_recipes() -> None:
             [_fake_summary({"se": [0]}), _fake_summary({"se": [1]}, recipe="fast")],
             [Path("a"), Path("b")],
         )
+
+
+def test_seconds_per_epoch_are_each_runs_median_epoch(tmp_path: Path) -> None:
+    # A run with a paused epoch (500 s): its time per epoch is its median epoch. Runs
+    # recorded without the median get it from their folder's metrics.csv.
+    from se_cifar.report import _add_epoch_medians
+    from se_cifar.summary import epoch_seconds, write_csv
+
+    rows = [
+        {"arm": arm, "seed": seed, "epoch": e, "epoch_time_s": t}
+        for arm, seed, times in (("se", 0, [40.0, 41.0, 500.0, 42.0]), ("baseline", 0, [9.0]))
+        for e, t in enumerate(times, 1)
+    ]
+    write_csv(tmp_path / "metrics.csv", rows)
+    old = {"seed": 0, "epoch_time_s": 155.75, "source": str(tmp_path)}
+    recorded = {"seed": 1, "epoch_time_s": 60.0, "epoch_time_s_median": 43.0}
+    moved = {"seed": 2, "epoch_time_s": 70.0, "source": str(tmp_path / "gone")}
+    arms = {"se": {"runs": [old, recorded, moved]}}
+    _add_epoch_medians(arms)
+    assert old["epoch_time_s_median"] == 41.5 and epoch_seconds(old) == 41.5
+    assert epoch_seconds(recorded) == 43.0
+    assert "epoch_time_s_median" not in moved and epoch_seconds(moved) == 70.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from se_cifar.data import Split, load_cifar10
 from se_cifar.models import build_model
 from se_cifar.recipes import CIFAR10_MEAN, CIFAR10_STD
 from se_cifar.stats import comparisons, mean_std
-from se_cifar.summary import arm_summary, write_csv
+from se_cifar.summary import arm_summary, epoch_seconds, write_csv
 
 __all__ = ["compare_runs", "make_figures", "merge_arms", "summary_figure"]
 
@@ -156,10 +157,9 @@ def summary_figure(summary: dict[str, Any]) -> Any:
         )
     axes[1].set_title(f"parameters added to the baseline's {base_params / 1e6:.2f} M")
     axes[1].set_ylabel("thousands")
-    axes[2].bar(
-        labels, [mean_std([r["epoch_time_s"] for r in i["runs"]])[0] for i in info], color=colors
-    )
-    axes[2].set_title("training time per epoch")
+    seconds = [mean_std([epoch_seconds(r) for r in i["runs"]])[0] for i in info]
+    axes[2].bar(labels, seconds, color=colors)
+    axes[2].set_title("training time per epoch (each run's median epoch)")
     axes[2].set_ylabel("seconds")
     axes[3].bar(
         labels, [i["runs"][0]["latency"]["batch1"]["latency_ms"] for i in info], color=colors
@@ -432,6 +432,24 @@ def merge_arms(summaries: list[dict[str, Any]], run_dirs: list[Path]) -> dict[st
     return {arm: arm_summary(params[arm], arm_runs) for arm, arm_runs in runs.items()}
 
 
+def _add_epoch_medians(arms: dict[str, Any]) -> None:
+    """Give each run recorded without ``epoch_time_s_median`` the median of its epochs, from
+    the ``metrics.csv`` of its ``source`` folder (runs of older versions)."""
+    for arm, info in arms.items():
+        for run in info["runs"]:
+            if "epoch_time_s_median" in run or "source" not in run:
+                continue
+            path = Path(run["source"]) / "metrics.csv"
+            rows = _read_csv(path) if path.exists() else []
+            times = [
+                float(r["epoch_time_s"])
+                for r in rows
+                if r["arm"] == arm and int(r["seed"]) == run["seed"]
+            ]
+            if times:
+                run["epoch_time_s_median"] = statistics.median(times)
+
+
 def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
     """Join finished runs (one per arm, one per seed, ...) into one summary and figures."""
     summaries = []
@@ -443,9 +461,11 @@ def compare_runs(run_dirs: list[Path], out: Path, *, plots: bool = True) -> dict
     kinds = {s.get("model", "tutorial") for s in summaries}
     if len(kinds) > 1:
         raise SystemExit(f"--compare: the runs trained different models {sorted(kinds)}.")
+    arms = merge_arms(summaries, run_dirs)
+    _add_epoch_medians(arms)
     joint: dict[str, Any] = {
         **summaries[0],
-        "arms": merge_arms(summaries, run_dirs),
+        "arms": arms,
         "sources": [str(d) for d in run_dirs],
     }
     joint.pop("comparison", None)

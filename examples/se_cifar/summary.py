@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def seed_record(
         "best_epoch": accs.index(max(accs)) + 1,
         "epochs": len(accs),
         "epoch_time_s": mean_std([r["epoch_time_s"] for r in history])[0],
+        "epoch_time_s_median": statistics.median(r["epoch_time_s"] for r in history),
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "wall_time_s_this_session": wall_s,
         "train_images_per_s": mean_std([r["images_per_s"] for r in history])[0],
@@ -126,16 +128,30 @@ def _targets_of(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, fl
     ]
 
 
+def epoch_seconds(run: dict[str, Any]) -> float:
+    """A run's seconds per epoch: its median epoch (the mean for runs recorded without it).
+
+    The median, because an epoch that shared the machine with something else, or was
+    paused, must not move a run's time per epoch.
+
+    >>> epoch_seconds({"epoch_time_s": 90.0, "epoch_time_s_median": 42.0})
+    42.0
+    >>> epoch_seconds({"epoch_time_s": 90.0})
+    90.0
+    """
+    return float(run.get("epoch_time_s_median", run["epoch_time_s"]))
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the arms' accuracy and time table, the times to accuracy and the comparisons."""
-    print("\narm        params     final test acc (mean +/- std)  best    s/epoch")
+    print("\narm        params     final test acc (mean +/- std)  best    s/epoch (median)")
     for arm, info in summary["arms"].items():
         runs = info["runs"]
         print(
             f"{arm:9s} {info['params']:>9,}   {100 * info['final_test_acc_mean']:6.2f} +/- "
             f"{100 * info['final_test_acc_std']:.2f} % (n={len(runs)})       "
             f"{100 * info['best_test_acc_mean']:6.2f}  "
-            f"{mean_std([r['epoch_time_s'] for r in runs])[0]:7.1f}"
+            f"{mean_std([epoch_seconds(r) for r in runs])[0]:7.1f}"
         )
     for arm, info in summary["arms"].items():
         parts = []
