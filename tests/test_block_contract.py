@@ -465,6 +465,10 @@ def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> Non
         with pytest.raises(InvalidArgumentError, match=r"reduction=1e-19.*at least 1/64"):
             build(name, 6, {**options, "reduction": 1e-19})
         assert build(name, 6, {**options, "reduction": 1 / 64}) is not None
+    if "hidden_channels" in accepted:  # the same bound for an explicit width
+        with pytest.raises(InvalidArgumentError, match=r"hidden_channels=1000000000 .*at most"):
+            build(name, 6, {**options, "hidden_channels": 10**9})
+        assert build(name, 6, {**options, "hidden_channels": 64 * 6}) is not None
     if "activation" in accepted:  # checked even where the configuration does not use it
         for bad in ("nope", None, 42):
             with pytest.raises(InvalidArgumentError, match="activation"):

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from attnblocks._errors import InvalidArgumentError
-from attnblocks._validation import check_choice, check_positive_int, check_reduction
+from attnblocks._validation import (
+    MAX_EXPANSION,
+    check_choice,
+    check_positive_int,
+    check_reduction,
+)
 
 __all__ = ["check_init", "hidden_width"]
 
@@ -59,5 +64,13 @@ def hidden_width(
     if width < minimum:
         raise InvalidArgumentError(
             f"{owner}: hidden_channels must be at least {minimum}, got {width}."
+        )
+    # As for reduction: refused before any layer allocates (10**9 would need gigabytes).
+    bound = max(minimum, MAX_EXPANSION * channels)
+    if width > bound:
+        raise InvalidArgumentError(
+            f"{owner}: hidden_channels={width} would make the hidden layer "
+            f"{width / channels:.3g} times as wide as the input ({channels} channels); it "
+            f"must be at most {MAX_EXPANSION} x channels ({bound})."
         )
     return ratio, width
