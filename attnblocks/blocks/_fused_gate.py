@@ -63,17 +63,24 @@ __all__ = [
     "ChannelGateFunction",
     "GateRule",
     "PooledGate",
+    "Recorded",
     "fused_allowed",
     "fused_gate_values",
     "grads_where",
     "is_stateless",
+    "record_gate",
+    "recorded_backward",
     "try_fused",
 ]
 
 Grads = tuple[torch.Tensor | None, ...]
-#: What the forward records for the autograd derivative: the detached pools, the
-#: parameters and the gate computed from them (with its small graph).
-_Recorded = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], torch.Tensor]
+#: What a fused node's forward records for the autograd derivative: the detached pools,
+#: the parameters and the gate (or gates) computed from them, with their small graph.
+Recorded = tuple[
+    tuple[torch.Tensor, ...],
+    tuple[torch.Tensor | None, ...],
+    torch.Tensor | tuple[torch.Tensor, ...],
+]
 
 
 class GateRule(Protocol):
@@ -260,16 +267,14 @@ class ChannelGateFunction(torch.autograd.Function):
         ctx: FunctionCtx, x: torch.Tensor, gate: PooledGate, *params: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = _pool(x, gate)
-        inner: _Recorded | None = None
+        inner: Recorded | None = None
         if gate.rule is not None:
             values, saved = gate.rule.forward(pooled, params)
         else:
             # Record the gate function on detached pools: the backward differentiates
             # this small graph with torch.autograd.grad.
-            with torch.enable_grad():
-                leaves = tuple(p.detach().requires_grad_(True) for p in pooled)
-                recorded = gate.fn(*leaves, *params)
-            values, saved, inner = recorded.detach(), (), (leaves, params, recorded)
+            inner = record_gate(lambda *pools: gate.fn(*pools, *params), pooled, params)
+            values, saved = inner[2].detach(), ()  # type: ignore[union-attr]
         gate_x = per_channel(values, x)
         maximum = pooled[1] if gate.max_pool else None
         ctx.save_for_backward(x, gate_x, maximum, *params, *saved)  # type: ignore[arg-type]
@@ -298,7 +303,7 @@ class ChannelGateFunction(torch.autograd.Function):
         if gate.rule is not None:
             grad_pooled, grad_params = gate.rule.backward(saved, params, dot, needs)
         else:
-            grad_pooled, grad_params = _autograd_backward(ctx.inner, dot, needs)
+            grad_pooled, grad_params = recorded_backward(ctx.inner, dot, needs)
         grad_x = None
         if need_x:
             grad_x = _grad_input(grad_out, x, gate_x, grad_pooled[0], buffer)
@@ -329,20 +334,41 @@ def grads_where(
     return tuple(next(found) if want and t is not None else None for t, want in pairs)
 
 
-def _autograd_backward(
-    inner: _Recorded, grad_gate: torch.Tensor, needs: tuple[bool, ...]
+def record_gate(
+    fn: Callable[..., Any],
+    pools: Sequence[torch.Tensor],
+    params: tuple[torch.Tensor | None, ...] = (),
+) -> Recorded:
+    """``fn(*pools)`` recorded on detached copies of the pools (grad mode on, whatever the
+    caller's), with ``params``, the parameters ``fn`` uses, for :func:`recorded_backward`."""
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_(True) for p in pools)
+        return leaves, params, fn(*leaves)
+
+
+def recorded_backward(
+    inner: Recorded,
+    grad_gate: torch.Tensor | Sequence[torch.Tensor],
+    needs: Sequence[bool],
 ) -> tuple[Grads, Grads]:
+    """The gradients of the pools and of the parameters of a :func:`record_gate` graph.
+
+    ``grad_gate`` is one gradient per recorded gate, each cast to its gate's dtype;
+    ``needs`` says, for the pools and then each parameter, which gradients are wanted
+    (``None`` elsewhere).
+    """
     # The inputs as recorded, not as unpacked from ctx.saved_tensors: the graph was
     # built on these objects.
     leaves, params, recorded = inner
+    outputs = recorded if isinstance(recorded, tuple) else (recorded,)
+    grads = (grad_gate,) if isinstance(grad_gate, torch.Tensor) else tuple(grad_gate)
     inputs = (*leaves, *params)
     wanted = [
         need and t is not None and t.requires_grad for t, need in zip(inputs, needs, strict=True)
     ]
+    grad_outputs = [to_dtype(g, o.dtype) for g, o in zip(grads, outputs, strict=True)]
     # retain_graph: the outer graph may be retained and run backward again.
-    out = grads_where(
-        recorded, inputs, wanted, to_dtype(grad_gate, recorded.dtype), retain_graph=True
-    )
+    out = grads_where(outputs, inputs, wanted, grad_outputs, retain_graph=True)
     return out[: len(leaves)], out[len(leaves) :]
 
 

@@ -35,7 +35,13 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 
 from attnblocks._torch_compat import is_compiling
-from attnblocks.blocks._fused_gate import fused_allowed, grads_where, is_stateless
+from attnblocks.blocks._fused_gate import (
+    fused_allowed,
+    grads_where,
+    is_stateless,
+    record_gate,
+    recorded_backward,
+)
 from attnblocks.blocks._ops import accumulation_dtype, count_true, to_dtype
 
 __all__ = [
@@ -123,18 +129,13 @@ class SpatialGateFunction(torch.autograd.Function):
         # graph with torch.autograd.grad. The maximum's leaf is in the mean's dtype
         # (exact), so that its gradient, a sum over the kernel's taps, is float32 for
         # half types and does not overflow float16.
-        with torch.enable_grad():
-            leaves = (
-                avg.detach().requires_grad_(True),
-                to_dtype(maximum, avg.dtype).detach().requires_grad_(True),
-            )
-            recorded = gate.fn(*leaves)
-        s = recorded.detach()
+        inner = record_gate(gate.fn, (avg, to_dtype(maximum, avg.dtype)), params)
+        s = inner[2].detach()  # type: ignore[union-attr]
         s_x = to_dtype(s, x.dtype)
         out = x * s_x  # as the plain path: the same rounding
         ctx.save_for_backward(x, s_x, maximum, *params)
         ctx.gate = gate  # type: ignore[attr-defined]
-        ctx.inner = (leaves, params, recorded)  # type: ignore[attr-defined]
+        ctx.inner = inner  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(s)
         return out, s
 
@@ -151,15 +152,8 @@ class SpatialGateFunction(torch.autograd.Function):
         grad_out = grad_out.expand_as(x)  # a broadcast gradient (sum().backward())
         product = grad_out * x
         grad_s = _channel_sum(product)
-        leaves, recorded_params, recorded = ctx.inner
-        inputs = (*leaves, *recorded_params)
-        wanted = [
-            need and t.requires_grad
-            for t, need in zip(inputs, (need_x, need_x, *need_params), strict=True)
-        ]
-        # retain_graph: the outer graph may be retained and run backward again.
-        grad_avg, grad_max, *grad_params = grads_where(
-            recorded, inputs, wanted, to_dtype(grad_s, recorded.dtype), retain_graph=True
+        (grad_avg, grad_max), grad_params = recorded_backward(
+            ctx.inner, grad_s, (need_x, need_x, *need_params)
         )
         grad_x = None
         if need_x:

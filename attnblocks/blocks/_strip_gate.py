@@ -37,7 +37,13 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 
 from attnblocks._torch_compat import autocast_dtype, is_compiling
-from attnblocks.blocks._fused_gate import fused_allowed, grads_where, is_stateless
+from attnblocks.blocks._fused_gate import (
+    fused_allowed,
+    grads_where,
+    is_stateless,
+    record_gate,
+    recorded_backward,
+)
 from attnblocks.blocks._ops import accumulation_dtype, to_dtype
 
 __all__ = ["HasStripGate", "StripGate", "StripGateFunction", "strip_pools", "try_strip_fused"]
@@ -141,16 +147,14 @@ class StripGateFunction(torch.autograd.Function):
         z_h, z_w = strip_pools(x)
         # Record the gates on detached strips: the backward differentiates this small
         # graph with torch.autograd.grad.
-        with torch.enable_grad():
-            leaves = (z_h.detach().requires_grad_(True), z_w.detach().requires_grad_(True))
-            recorded = gate.fn(*leaves)
-        g_h, g_w = (g.detach() for g in recorded)
+        inner = record_gate(gate.fn, (z_h, z_w), params)
+        g_h, g_w = (g.detach() for g in inner[2])
         g_h_x, g_w_x = to_dtype(g_h, x.dtype), to_dtype(g_w, x.dtype)
         # As the plain path: (x * g_h) * g_w, the same roundings, one buffer.
         out = torch.mul(x, g_h_x).mul_(g_w_x)
         ctx.save_for_backward(x, g_h_x, g_w_x, *params)
         ctx.gate = gate  # type: ignore[attr-defined]
-        ctx.inner = (leaves, params, recorded)  # type: ignore[attr-defined]
+        ctx.inner = inner  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(g_h, g_w)
         return out, g_h, g_w
 
@@ -166,19 +170,8 @@ class StripGateFunction(torch.autograd.Function):
             return _backward_by_autograd(x, ctx.gate, params, (need_x, *need_params), grad_out)
         grad_out = grad_out.expand_as(x)  # a broadcast gradient (sum().backward())
         product, grad_g_h, grad_g_w = _gate_grads(grad_out, x, g_h, g_w)
-        leaves, recorded_params, recorded = ctx.inner
-        inputs = (*leaves, *recorded_params)
-        wanted = [
-            need and t.requires_grad
-            for t, need in zip(inputs, (need_x, need_x, *need_params), strict=True)
-        ]
-        grad_outputs = (
-            to_dtype(grad_g_h, recorded[0].dtype),
-            to_dtype(grad_g_w, recorded[1].dtype),
-        )
-        # retain_graph: the outer graph may be retained and run backward again.
-        grad_z_h, grad_z_w, *grad_params = grads_where(
-            recorded, inputs, wanted, grad_outputs, retain_graph=True
+        (grad_z_h, grad_z_w), grad_params = recorded_backward(
+            ctx.inner, (grad_g_h, grad_g_w), (need_x, need_x, *need_params)
         )
         grad_x = None
         if need_x:
