@@ -76,3 +76,30 @@ def assert_close_bf16(actual: torch.Tensor | None, expected: torch.Tensor | None
     assert actual is not None and expected is not None
     scale = float(expected.detach().abs().max().float())
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
+
+
+def module_gradients(
+    module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``module(x)`` and the gradients of ``x`` and of every parameter of ``module``."""
+    return gradients(module, x, list(module.parameters()), grad_out)
+
+
+def compare_with_plain_twin(
+    block: nn.Module,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    node: str,
+    check: Callable[[torch.Tensor | None, torch.Tensor | None], None] = assert_close_f32,
+) -> None:
+    """``block`` against its plain twin: the node ``node`` ran on the fused side only, and
+    the output, every gradient and every buffer (BatchNorm's statistics, bitwise) agree."""
+    plain = plain_twin(block)
+    out, grads = module_gradients(block, x, grad_out)
+    ref, ref_grads = module_gradients(plain, x, grad_out)
+    assert has_node(out, node) and not has_node(ref, node)
+    check(out, ref)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        check(got, expected)
+    for got, expected in zip(block.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

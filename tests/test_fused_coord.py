@@ -18,12 +18,13 @@ import torch
 from _fused_helpers import (
     assert_close_bf16,
     assert_close_f32,
+    compare_with_plain_twin,
     has_format,
     has_node,
+    module_gradients,
     plain_twin,
     to_format,
 )
-from _fused_helpers import gradients as shared_gradients
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -45,10 +46,7 @@ def took_fused_path(out: torch.Tensor) -> bool:
     return has_node(out, "StripGateFunction")
 
 
-def gradients(
-    module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    return shared_gradients(module, x, list(module.parameters()), grad_out)
+gradients = module_gradients
 
 
 def compare(
@@ -57,16 +55,8 @@ def compare(
     grad_out: torch.Tensor,
     check: Callable[[torch.Tensor | None, torch.Tensor | None], None] = assert_close_f32,
 ) -> None:
-    """Fused block against its plain twin: output, every gradient, BatchNorm's statistics."""
-    plain = plain_twin(block)
-    out, grads = gradients(block, x, grad_out)
-    ref, ref_grads = gradients(plain, x, grad_out)
-    assert took_fused_path(out) and not took_fused_path(ref)
-    check(out, ref)
-    for got, expected in zip(grads, ref_grads, strict=True):
-        check(got, expected)
-    for got, expected in zip(block.buffers(), plain.buffers(), strict=True):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    """Fused block against its plain twin: output, every gradient, every buffer."""
+    compare_with_plain_twin(block, x, grad_out, "StripGateFunction", check)
 
 
 @settings(deadline=None, max_examples=40)
