@@ -52,6 +52,12 @@ def _one_ddp_step(rank: int, world: int, port: int, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's shutdown: gloo's C++ objects can still be torn down
+    # there while a transport thread runs, which aborts the rank ("terminate called without
+    # an active exception", SIGABRT) after its work is done; once in ~10 CI runs. Every
+    # result is on disk and the group is destroyed, so nothing is lost. An exception above
+    # skips this line and reaches mp.spawn as before.
+    os._exit(0)
 
 
 def test_two_ranks_take_the_same_step_as_one_process_on_the_whole_batch(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 import attnblocks
 from attnblocks import (
     AttnBlocksError,
+    ChannelMismatchError,
     InvalidArgumentError,
     SelectorError,
     SurgeryError,
@@ -105,6 +106,64 @@ def test_round_trip_is_bitwise(tmp_path: Path, dtype: torch.dtype) -> None:
     _assert_same_model(saved, loaded, _x(dtype))
     # and removing it gives the base model back
     _assert_same_model(remove_attention(loaded), _base(dtype=dtype).eval(), _x(dtype))
+
+
+def test_without_example_input_undeclared_sites_take_the_saved_channels(tmp_path: Path) -> None:
+    # RESNET_RECIPE puts Gather-Excite after a whole residual block ('blocks.0'), whose
+    # channels no module attribute declares: the config's count stands in for the probe
+    saved = _attended()
+    save_attention(saved, tmp_path)
+    loaded = load_attention(_base().eval(), tmp_path)
+    _assert_same_model(saved, loaded, _x())
+
+
+def test_a_saved_count_taken_unchecked_fails_at_the_first_forward_not_silently(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    saved = insert_se(trained_like_(TinyResNet(width=16)), ["blocks.0"], example_input=_x()[:1])
+    save_attention(saved, tmp_path)
+    torch.manual_seed(0)
+    wider = trained_like_(TinyResNet(width=24)).eval()
+    load_attention(wider, tmp_path)  # nothing to compare the saved 16 channels with
+    with pytest.raises(ChannelMismatchError, match=r"built for 16 channels.*24 channels"):
+        wider(_x())
+    # with an example input the same mismatch is refused while loading
+    torch.manual_seed(0)
+    _check_refused(
+        trained_like_(TinyResNet(width=24)),
+        tmp_path,
+        "at site 'blocks.0'",
+        "saved with 16 channels",
+        "gives 24",
+        example_input=_x()[:1],
+    )
+
+
+def test_an_edited_channel_count_is_refused_from_the_shapes_before_any_block_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = insert_se(trained_like_(TinyResNet(width=16)), ["blocks.0"], example_input=_x()[:1])
+    save_attention(saved, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["sites"][0]["channels"] = 100_000  # an SEBlock of 1.25e9 weights, 5 GB
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    built: list[torch.device] = []
+    real_init = SEBlock.__init__
+
+    def spy(self: SEBlock, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        built.append(self.fc1.weight.device)
+
+    monkeypatch.setattr(SEBlock, "__init__", spy)
+    _check_refused(
+        trained_like_(TinyResNet(width=16)),
+        tmp_path,
+        "at site 'blocks.0'",
+        "saved tensors do not fit the block its config describes",
+        "fc1.weight: saved [1, 16], the block needs [6250, 100000]",
+    )
+    assert built and all(device.type == "meta" for device in built)
 
 
 def test_the_weights_file_holds_only_the_attention(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from attnblocks.surgery._probe import ExampleInput, OutputRecord, describe_examp
 from attnblocks.surgery._request import SurgeryRequest
 from attnblocks.surgery._selectors import Selector
 
-__all__ = ["insert_attention", "insert_se"]
+__all__ = ["insert_attention", "insert_request", "insert_se"]
 
 
 def insert_attention(
@@ -102,7 +102,7 @@ def insert_attention(
     request = SurgeryRequest(
         model, layers, block, init, example_input, strict, name, block_kwargs, "insert_attention"
     )
-    return _insert(request)
+    return insert_request(request)
 
 
 def insert_se(
@@ -143,10 +143,10 @@ def insert_se(
     request = SurgeryRequest(
         model, layers, "se", init, example_input, strict, None, se_kwargs, "insert_se"
     )
-    return _insert(request)
+    return insert_request(request)
 
 
-def _insert(request: SurgeryRequest) -> nn.Module:
+def insert_request(request: SurgeryRequest) -> nn.Module:
     """Attach the blocks :func:`prepare` built; with an example input, check them; undo on error."""
     prep = prepare(request)
     attached: list[tuple[nn.Module, str]] = []

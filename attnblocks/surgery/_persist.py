@@ -32,11 +32,12 @@ from torch import nn
 
 from attnblocks._errors import AttnBlocksError, InvalidArgumentError, SurgeryError
 from attnblocks._version import __version__
-from attnblocks.blocks import available_blocks, get_block_class
+from attnblocks.blocks import available_blocks, create_block, get_block_class
 from attnblocks.surgery._attach import detach_block
-from attnblocks.surgery._insert import insert_attention
+from attnblocks.surgery._insert import insert_request
 from attnblocks.surgery._probe import ExampleInput
 from attnblocks.surgery._record import BlockPath, InsertedSite, inserted_sites, insertion_record
+from attnblocks.surgery._request import SurgeryRequest
 
 __all__ = [
     "CONFIG_NAME",
@@ -372,6 +373,44 @@ def _mismatch(owner: str, site: _SavedSite, what: str) -> AttnBlocksError:
     )
 
 
+def _check_saved_shapes(site: _SavedSite, tensors: dict[str, torch.Tensor], owner: str) -> None:
+    """Refuse a site whose saved tensors do not fit its saved block, before building it.
+
+    The block is built on the meta device (no memory), so a config whose channels or
+    options were edited to something huge is refused without allocating the block. A
+    block that cannot be built on the meta device is left to the real insertion, which
+    reports its own error.
+    """
+    options = dict(site.options)
+    if site.init == "identity":
+        options["init"] = "identity"
+    try:
+        with torch.device("meta"):
+            expected = create_block(site.block, site.channels, **options).state_dict()
+    except Exception:
+        return
+    want = {key: tuple(value.shape) for key, value in expected.items()}
+    have = {
+        key[len(site.prefix) :]: tuple(value.shape)
+        for key, value in tensors.items()
+        if key.startswith(site.prefix)
+    }
+    if want != have:
+        wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        parts = [f"{k}: saved {list(have[k])}, the block needs {list(want[k])}" for k in wrong]
+        parts += [f"missing {missing}"] if missing else []
+        parts += [f"unexpected {extra}"] if extra else []
+        raise _mismatch(
+            owner,
+            site,
+            f"its saved tensors do not fit the block its config describes "
+            f"({site.block} with {site.channels} channels and options {site.options}): "
+            + "; ".join(parts)
+            + ".",
+        )
+
+
 def load_attention(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -396,8 +435,12 @@ def load_attention(
         model: the base model, without the saved blocks (e.g. a freshly built
             backbone with its pretrained weights).
         directory: a directory written by :func:`save_attention`.
-        example_input: passed to :func:`insert_attention`; needed when a site's
-            channels cannot be read from the module itself (as when saving).
+        example_input: optional input for one forward pass, as for
+            :func:`insert_attention`: each saved block is then checked against the
+            real output of its site. Without it, a site whose module does not declare
+            its channels (a residual block, an activation) takes the channel count the
+            config saved, unchecked until the model's first forward pass; a declared
+            count (a convolution's, a norm's) is always compared with the saved one.
 
     Returns:
         ``model`` itself, with the attention inserted.
@@ -446,16 +489,21 @@ def load_attention(
                     else f" Its first module names are {names[:5]}."
                 )
                 raise _mismatch(owner, site, f"the model has no module {site.host_name!r}.{hint}")
+            _check_saved_shapes(site, tensors, owner)
+            request = SurgeryRequest(
+                model,
+                [_exact_selector(site.host_name)],
+                site.block,
+                site.init,
+                example_input,
+                True,
+                site.attr,
+                site.options,
+                "insert_attention",
+                saved_channels=site.channels,
+            )
             try:
-                insert_attention(
-                    model,
-                    [_exact_selector(site.host_name)],
-                    block=site.block,
-                    init=site.init,
-                    name=site.attr,
-                    example_input=example_input,
-                    **site.options,
-                )
+                insert_request(request)
             except AttnBlocksError as err:
                 raise _mismatch(owner, site, f"inserting it failed: {err}") from None
             inserted.append((host, site.attr))

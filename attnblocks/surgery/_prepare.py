@@ -171,7 +171,8 @@ def prepare(
 
     The steps, in the order their refusals are raised: the arguments, the selected
     modules, then (with ``example_input``) one probing forward pass or (without) the
-    channels each module declares, and last each site's block.
+    channels each module declares (or, for one that declares none, the request's
+    ``saved_channels`` when it has them), and last each site's block.
 
     With ``place=True`` each block is moved to the device and floating dtype of the
     module it follows; a dry run passes ``place=False`` and keeps them on the CPU.
@@ -185,6 +186,9 @@ def prepare(
     checked = _check_arguments(request)
     selected = _select_sites(model, request, checked)
     static = [infer_channels(module) for _, module in selected]
+    if request.example_input is None and request.saved_channels is not None:
+        saved = ChannelInfo(request.saved_channels, "the saved attention's config")
+        static = [saved if info is None else info for info in static]
     records: Sequence[OutputRecord | None] = [None] * len(selected)
     model_macs: int | None = None
     if request.example_input is not None:

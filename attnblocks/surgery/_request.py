@@ -29,6 +29,10 @@ class SurgeryRequest:
     every field and raises the caller's errors. ``block_kwargs`` is copied into a
     read-only mapping, so the request cannot change after it is built.
 
+    ``saved_channels`` is not a public argument: :func:`~attnblocks.surgery.load_attention`
+    sets it to the channel count its config saved for the site, which a site whose module
+    does not declare its channels takes when there is no ``example_input``.
+
     >>> from torch import nn
     >>> request = SurgeryRequest(nn.ReLU(), ["0"], "se", "default", None, True, None, {}, "demo")
     >>> request.owner, dict(request.block_kwargs)
@@ -44,6 +48,7 @@ class SurgeryRequest:
     name: str | None
     block_kwargs: Mapping[str, Any]
     owner: str
+    saved_channels: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_kwargs", MappingProxyType(dict(self.block_kwargs)))
