@@ -452,7 +452,7 @@ def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> Non
     with pytest.raises(InvalidInputError, match="list"):
         block(good.tolist())
 
-    for channels in (0, -3, 2.5, True, "6"):
+    for channels in (0, -3, 2.5, True, "6", None):  # None: the base class default
         with pytest.raises(InvalidArgumentError, match="channels"):
             build(name, channels, options)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="no_such_option"):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from attnblocks import InvalidArgumentError, InvalidInputError, SelectorError
 from attnblocks.inspect import (
     GateStats,
+    SiteStats,
     class_specificity,
     gate_statistics,
     record_gates,
@@ -258,3 +259,24 @@ def test_gate_statistics_errors(call: object, error: type[Exception], match: str
     with pytest.raises(error, match=match):
         call(net, torch.randn(2, 3, 8, 8))  # type: ignore[operator]
     assert modes(net) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((None,), {}, "channels must be a positive int"),
+        ((0,), {}, "channels must be a positive int"),
+        ((4,), {"threshold": "x"}, "threshold must be a number"),
+        ((4,), {"threshold": float("nan")}, "threshold must be finite"),
+        ((4,), {"num_classes": -1}, "num_classes"),
+        ((4,), {"num_classes": True}, "num_classes"),
+        ((4,), {"num_classes": 10**9}, "would not fit in memory"),
+    ],
+)
+def test_site_stats_refuses_bad_arguments_by_name(
+    args: tuple[object, ...], kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        SiteStats(*args, **kwargs)  # type: ignore[arg-type]
+    assert SiteStats(4).num_classes == 0  # 0 is the default: classes are added as seen
+    assert SiteStats(4, num_classes=3).num_classes == 3

@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionBlock", "GateHook", "MapHook", "TransientHook"]
 
+
+class _Unset:
+    """The type of the default of :meth:`AttentionBlock.__init__`'s ``channels``: not passed."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
 #: A gate hook is called as ``hook(block, gate)`` with the block and the gate it
 #: has just applied, detached: ``(N, C)`` for channel gates.
 GateHook = Callable[[nn.Module, torch.Tensor], None]
@@ -127,11 +137,13 @@ class AttentionBlock(nn.Module):
         if "supports_identity_init" not in vars(cls):
             cls.supports_identity_init = "identity" in cls.init_modes
 
-    def __init__(self, channels: int | None = None) -> None:
+    def __init__(self, channels: int | _Unset = _UNSET) -> None:
         super().__init__()
         self._gate_hooks: OrderedDict[int, GateHook] = OrderedDict()
         self._map_hooks: OrderedDict[int, MapHook] = OrderedDict()
-        if channels is not None:
+        # Only a subclass that passes nothing sets ``channels`` itself; whatever a user
+        # passed (None included) is checked, so ``SEBlock(None)`` is refused by name.
+        if not isinstance(channels, _Unset):
             self.channels = check_positive_int(channels, "channels", owner=type(self).__name__)
 
     def _check_init(self, init: object, *, bias: bool = True) -> str:

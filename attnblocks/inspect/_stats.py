@@ -69,8 +69,11 @@ class SiteStats:
     """
 
     def __init__(self, channels: int, *, threshold: float = 0.9, num_classes: int = 0) -> None:
-        self.channels = channels
-        self.threshold = threshold
+        owner = "SiteStats"
+        self.channels = check_positive_int(channels, "channels", owner=owner)
+        self.threshold = check_threshold(threshold, owner=owner)
+        if not (isinstance(num_classes, int) and num_classes == 0):  # 0: classes added as seen
+            num_classes = check_num_classes(num_classes, owner=owner) or 0
         f64 = torch.float64
         self._n = torch.zeros((), dtype=f64)
         self._mean = torch.zeros(channels, dtype=f64)
