@@ -38,6 +38,7 @@ from attnblocks.surgery._insert import insert_request
 from attnblocks.surgery._probe import ExampleInput
 from attnblocks.surgery._record import BlockPath, InsertedSite, inserted_sites, insertion_record
 from attnblocks.surgery._request import SurgeryRequest
+from attnblocks.surgery._wrappers import unwrap_model
 
 __all__ = [
     "CONFIG_NAME",
@@ -184,6 +185,10 @@ def save_attention(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         model: a model with blocks inserted by :func:`insert_attention` or
             :func:`insert_se`. Every block must be a registered block built from
             options JSON can hold (names for activations and gates, not modules).
+            A model wrapped by ``torch.compile``, ``DistributedDataParallel`` or
+            ``DataParallel`` is saved under the wrapped model's names (without
+            ``_orig_mod.`` or ``module.``), so the attention loads onto the model
+            however it is wrapped then.
         directory: where to write the two files.
 
     Returns:
@@ -216,7 +221,7 @@ def save_attention(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     path = _check_directory(directory, owner)
     from safetensors.torch import save as safetensors_save
 
-    sites = list(inserted_sites(model))
+    sites = list(inserted_sites(unwrap_model(model)[0]))  # names without _orig_mod.
     if not sites:
         raise SurgeryError(
             f"{owner}: the model has no attention blocks inserted by attnblocks, so there "
@@ -433,7 +438,9 @@ def load_attention(
 
     Args:
         model: the base model, without the saved blocks (e.g. a freshly built
-            backbone with its pretrained weights).
+            backbone with its pretrained weights); it may be wrapped by
+            ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel``, and
+            the blocks go into the model it wraps.
         directory: a directory written by :func:`save_attention`.
         example_input: optional input for one forward pass, as for
             :func:`insert_attention`: each saved block is then checked against the
@@ -475,7 +482,8 @@ def load_attention(
         )
     saved = _read_config(path, owner)
     tensors = _read_weights(path, saved, owner)
-    modules = dict(model.named_modules())
+    target = unwrap_model(model)[0]  # saved names are the unwrapped model's
+    modules = dict(target.named_modules())
     inserted: list[tuple[nn.Module, str]] = []
     try:  # site by site, in saved order; any failure removes what was inserted
         for site in saved:
@@ -491,7 +499,7 @@ def load_attention(
                 raise _mismatch(owner, site, f"the model has no module {site.host_name!r}.{hint}")
             _check_saved_shapes(site, tensors, owner)
             request = SurgeryRequest(
-                model,
+                target,
                 [_exact_selector(site.host_name)],
                 site.block,
                 site.init,

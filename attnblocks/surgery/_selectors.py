@@ -40,6 +40,7 @@ from torch import nn
 
 from attnblocks._errors import SelectorError
 from attnblocks._validation import check_bool
+from attnblocks.surgery._wrappers import wrapper_hint
 
 __all__ = ["Selector", "describe_selector", "resolve_selectors"]
 
@@ -325,10 +326,16 @@ def resolve_selectors(
     unmatched = [matcher for matcher, count in zip(matchers, hits, strict=True) if not count]
     if unmatched:
         type_names = sorted({type(m).__name__ for m in model.modules()})
-        if strict:
-            raise SelectorError(unmatched[0].no_match_message(all_names, type_names))
-        for matcher in unmatched[:_MAX_DETAILED_WARNINGS]:
+        wrapped = wrapper_hint(model)
+
+        def message_of(matcher: _Matcher) -> str:
             message = matcher.no_match_message(all_names, type_names)
+            return message + wrapped if matcher.kind in ("name", "glob", "regex") else message
+
+        if strict:
+            raise SelectorError(message_of(unmatched[0]))
+        for matcher in unmatched[:_MAX_DETAILED_WARNINGS]:
+            message = message_of(matcher)
             warnings.warn(f"{message} (strict=False: skipped)", UserWarning, stacklevel=3)
         rest = unmatched[_MAX_DETAILED_WARNINGS:]
         if rest:
