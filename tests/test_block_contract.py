@@ -64,7 +64,10 @@ EXTRA_OPTIONS: dict[str, list[dict[str, Any]]] = {
         {"variant": "theta_plus", "extent": 2, "reduction": 4},
     ],
     "scse": [{"combine": "max"}],
-    "se": [{"activation": "gelu", "gate": "hard_sigmoid"}],
+    "se": [
+        {"activation": "gelu", "gate": "hard_sigmoid"},
+        {"reduction": 4, "divisor": 8, "round_limit": 0.9},
+    ],
 }
 
 #: Configurations whose output is exactly ``x * gate`` with the hooked ``(N, C)`` gate.
@@ -465,10 +468,25 @@ def test_misuse_raises_library_errors(name: str, options: dict[str, Any]) -> Non
         with pytest.raises(InvalidArgumentError, match=r"reduction=1e-19.*at least 1/64"):
             build(name, 6, {**options, "reduction": 1e-19})
         assert build(name, 6, {**options, "reduction": 1 / 64}) is not None
+    # hidden_channels and divisor exclude each other: start from the options without rounding
+    options = {k: v for k, v in options.items() if k not in ("divisor", "round_limit")}
     if "hidden_channels" in accepted:  # the same bound for an explicit width
         with pytest.raises(InvalidArgumentError, match=r"hidden_channels=1000000000 .*at most"):
             build(name, 6, {**options, "hidden_channels": 10**9})
         assert build(name, 6, {**options, "hidden_channels": 64 * 6}) is not None
+    if "divisor" in accepted:  # rounding the width: same bound, and only with reduction
+        for bad in (0, -8, 2.5, True, "8"):
+            with pytest.raises(InvalidArgumentError, match="divisor"):
+                build(name, 6, {**options, "divisor": bad})
+        with pytest.raises(InvalidArgumentError, match=r"rounded width .*at most"):
+            build(name, 6, {**options, "divisor": 10**9})
+        with pytest.raises(InvalidArgumentError, match="pass one or the other"):
+            build(name, 6, {**options, "divisor": 8, "hidden_channels": 4})
+        for bad in (1.0, -0.1, float("nan"), "0.9"):
+            with pytest.raises(InvalidArgumentError, match="round_limit"):
+                build(name, 6, {**options, "divisor": 8, "round_limit": bad})
+        with pytest.raises(InvalidArgumentError, match="pass divisor too"):
+            build(name, 6, {**options, "round_limit": 0.9})
     if "activation" in accepted:  # checked even where the configuration does not use it
         for bad in ("nope", None, 42):
             with pytest.raises(InvalidArgumentError, match="activation"):

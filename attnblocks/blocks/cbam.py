@@ -72,6 +72,12 @@ class CBAMBlock(AttentionBlock):
         reduction: :math:`r`, the channel MLP's reduction ratio (16 in the paper);
             the hidden width is ``max(1, floor(C / r))``.
         hidden_channels: explicit hidden width, overriding ``reduction``.
+        divisor: round the width ``channels / reduction`` to the nearest multiple of
+            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
+            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
+            fell below ``round_limit`` times the exact one (0.9 is torchvision's
+            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: :math:`\delta` of the MLP (ReLU in the paper).
         gate: :math:`\sigma` of both steps (sigmoid in the paper).
         bias: whether the MLP's layers have biases (the spatial convolution always has one).
@@ -117,6 +123,8 @@ class CBAMBlock(AttentionBlock):
         *,
         reduction: float = 16,
         hidden_channels: int | None = None,
+        divisor: int | None = None,
+        round_limit: float = 0.0,
         activation: LayerSpec = "relu",
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
@@ -126,7 +134,12 @@ class CBAMBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels, reduction, hidden_channels, owner=owner
+            self.channels,
+            reduction,
+            hidden_channels,
+            owner=owner,
+            divisor=divisor,
+            round_limit=round_limit,
         )
         check_bool(bias, "bias", owner=owner)
         self.spatial_kernel_size = check_positive_int(

@@ -86,6 +86,12 @@ class CoordAttentionBlock(AttentionBlock):
         channels: :math:`C`, the number of input (and output) channels.
         reduction: :math:`r` (32 in the paper).
         hidden_channels: explicit hidden width :math:`m`, overriding ``reduction``.
+        divisor: round the width ``channels / reduction`` to the nearest multiple of
+            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
+            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
+            fell below ``round_limit`` times the exact one (0.9 is torchvision's
+            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: :math:`\delta` (h-swish in the paper: ``"hard_swish"``).
         gate: :math:`\sigma` of both directions (sigmoid in the paper).
         bias: whether the three convolutions have biases.
@@ -124,6 +130,8 @@ class CoordAttentionBlock(AttentionBlock):
         *,
         reduction: float = 32,
         hidden_channels: int | None = None,
+        divisor: int | None = None,
+        round_limit: float = 0.0,
         activation: LayerSpec = "hard_swish",
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
@@ -132,7 +140,12 @@ class CoordAttentionBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels, reduction, hidden_channels, owner=owner
+            self.channels,
+            reduction,
+            hidden_channels,
+            owner=owner,
+            divisor=divisor,
+            round_limit=round_limit,
         )
         if hidden_channels is None:
             self.hidden_channels = max(8, self.hidden_channels)

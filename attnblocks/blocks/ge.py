@@ -99,6 +99,12 @@ class GatherExciteBlock(AttentionBlock):
             ``max(1, floor(C / r))``. Other variants ignore it, like
             ``hidden_channels``, so that the same options can build any block.
         hidden_channels: explicit hidden width of GE-:math:`\theta^+`'s MLP.
+        divisor: round the width ``channels / reduction`` to the nearest multiple of
+            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
+            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
+            fell below ``round_limit`` times the exact one (0.9 is torchvision's
+            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: the non-linearity between the gather convolutions and inside the
             MLP (ReLU); checked, but unused, by ``"theta_minus"``.
         gate: :math:`\sigma` (sigmoid in the paper).
@@ -147,6 +153,8 @@ class GatherExciteBlock(AttentionBlock):
         spatial_size: int | Sequence[int] | None = None,
         reduction: float = 16,
         hidden_channels: int | None = None,
+        divisor: int | None = None,
+        round_limit: float = 0.0,
         activation: LayerSpec = "relu",
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
@@ -168,7 +176,12 @@ class GatherExciteBlock(AttentionBlock):
             )
         self.spatial_size = self._check_spatial_size(spatial_size, parametric, owner)
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels, reduction, hidden_channels, owner=owner
+            self.channels,
+            reduction,
+            hidden_channels,
+            owner=owner,
+            divisor=divisor,
+            round_limit=round_limit,
         )
         check_bool(bias, "bias", owner=owner)
         self.init = self._check_init(init)

@@ -67,6 +67,12 @@ class SCSEBlock(AttentionBlock):
             ``max(1, floor(C / r))``. The authors' code uses 2 for its segmentation
             networks; 16 here matches :class:`~attnblocks.SEBlock`.
         hidden_channels: explicit hidden width, overriding ``reduction``.
+        divisor: round the width ``channels / reduction`` to the nearest multiple of
+            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
+            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
+            fell below ``round_limit`` times the exact one (0.9 is torchvision's
+            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: :math:`\delta` of cSE (ReLU in the paper).
         gate: :math:`\sigma` of both branches (sigmoid in the paper).
         bias: whether cSE's layers and the sSE convolution have biases.
@@ -112,6 +118,8 @@ class SCSEBlock(AttentionBlock):
         *,
         reduction: float = 16,
         hidden_channels: int | None = None,
+        divisor: int | None = None,
+        round_limit: float = 0.0,
         activation: LayerSpec = "relu",
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
@@ -121,7 +129,12 @@ class SCSEBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels, reduction, hidden_channels, owner=owner
+            self.channels,
+            reduction,
+            hidden_channels,
+            owner=owner,
+            divisor=divisor,
+            round_limit=round_limit,
         )
         check_bool(bias, "bias", owner=owner)
         self.combine = check_choice(combine, "combine", _COMBINE_MODES, owner=owner)

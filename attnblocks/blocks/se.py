@@ -25,20 +25,28 @@ __all__ = ["SEBlock", "se_hidden_channels"]
 InitMode = Literal["default", "identity"]
 
 
-def se_hidden_channels(channels: int, reduction: float) -> int:
+def se_hidden_channels(
+    channels: int, reduction: float, *, divisor: int | None = None, round_limit: float = 0.0
+) -> int:
     """The bottleneck width of an SE block: ``floor(channels / reduction)``, at least 1.
 
     The paper's excitation maps ``C`` channels to ``C / r`` hidden units. Flooring
     matches the common ``C // r``; the lower bound of 1 keeps a narrow block a real
     SE block (an 8-channel block with ``r = 16`` gets one hidden unit, not zero).
+    With ``divisor`` (and ``round_limit``), the width is rounded as :class:`SEBlock`
+    describes, e.g. to timm's ``rd_divisor=8`` widths.
 
     >>> from attnblocks.blocks import se_hidden_channels
     >>> se_hidden_channels(64, 16), se_hidden_channels(8, 16), se_hidden_channels(100, 8)
     (4, 1, 12)
+    >>> se_hidden_channels(64, 16, divisor=8), se_hidden_channels(100, 8, divisor=8)
+    (8, 16)
 
     ``reduction`` must be at least ``1 / 64`` (a hidden layer at most 64 times as wide).
     """
-    return hidden_width(channels, reduction, None, owner="SEBlock")[1]
+    return hidden_width(
+        channels, reduction, None, owner="SEBlock", divisor=divisor, round_limit=round_limit
+    )[1]
 
 
 @register_block("se")
@@ -68,6 +76,12 @@ class SEBlock(AttentionBlock):
             :func:`se_hidden_channels` ``(channels, reduction)``. Ignored when
             ``hidden_channels`` is given.
         hidden_channels: explicit hidden width :math:`C / r`, overriding ``reduction``.
+        divisor: round the width ``channels / reduction`` to the nearest multiple of
+            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
+            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
+            fell below ``round_limit`` times the exact one (0.9 is torchvision's
+            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: :math:`\delta`: a name (``"relu"``, ``"silu"``, ``"gelu"``, ...), an
             ``nn.Module`` class or factory, or a module instance.
         gate: :math:`\sigma`: ``"sigmoid"``, ``"hard_sigmoid"``, an ``nn.Module`` class
@@ -138,6 +152,8 @@ class SEBlock(AttentionBlock):
         *,
         reduction: float = 16,
         hidden_channels: int | None = None,
+        divisor: int | None = None,
+        round_limit: float = 0.0,
         activation: LayerSpec = "relu",
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
@@ -146,7 +162,12 @@ class SEBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels, reduction, hidden_channels, owner=owner
+            self.channels,
+            reduction,
+            hidden_channels,
+            owner=owner,
+            divisor=divisor,
+            round_limit=round_limit,
         )
         self.init = self._check_init(init, bias=check_bool(bias, "bias", owner=owner))
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
