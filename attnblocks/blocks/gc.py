@@ -85,7 +85,7 @@ class GlobalContextBlock(AttentionBlock):
         hidden_channels: explicit bottleneck width (at least 2), overriding ``reduction``.
         divisor: round the width ``channels / reduction`` to the nearest multiple of
             ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (``divisor=8`` gives timm's ``seresnet*`` widths).
+            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
         round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
             fell below ``round_limit`` times the exact one (0.9 is torchvision's
             ``_make_divisible``; 0, the default, is timm's SE and CBAM).
