@@ -23,12 +23,30 @@ from attnblocks.surgery._record import inserted_sites
 
 timm = pytest.importorskip("timm")
 
-# (reference, plain backbone, sites, timm's attribute, block, options)
+#: timm's CBAM submodule names -> CBAMBlock's
+CBAM_NAMES = {
+    "channel.fc1.": "fc1.",
+    "channel.fc2.": "fc2.",
+    "spatial.conv.conv.": "spatial_conv.",
+    "spatial.conv.bn.": "spatial_norm.",
+}
+
+# (reference, plain backbone, sites, block, options); a reference given as "name+attn"
+# is timm's backbone built with that attention layer in every block
 CASES: list[tuple[str, str, list[str], str, dict[str, Any]]] = [
     ("seresnet18", "resnet18", ["layer*.*.bn2"], "se", {"divisor": 8}),
     ("seresnet50", "resnet50", ["layer*.*.bn3"], "se", {}),
     ("ecaresnet50d", "resnet50d", ["layer*.*.bn3"], "eca", {}),
+    # the authors' CBAM (BatchNorm after the spatial convolution), as timm builds it
+    ("resnet18+cbam", "resnet18", ["layer*.*.bn2"], "cbam", {"spatial_norm": True, "bias": False}),
 ]
+
+
+def _reference(name: str) -> nn.Module:
+    if "+" in name:
+        backbone, attn = name.split("+")
+        return timm.create_model(backbone, block_args={"attn_layer": attn})
+    return timm.create_model(name)
 
 
 def _copy_reference_weights(reference: nn.Module, ours: nn.Module, attr: str) -> None:
@@ -43,6 +61,8 @@ def _copy_reference_weights(reference: nn.Module, ours: nn.Module, attr: str) ->
             mapped[key] = value
             continue
         owner, rest = key.split(".se.", 1)
+        for theirs, mine in CBAM_NAMES.items():
+            rest = rest.replace(theirs, mine) if rest.startswith(theirs) else rest
         target = blocks[owner].prefix + rest
         assert state[target].numel() == value.numel(), (key, target)
         mapped[target] = value.reshape(state[target].shape)
@@ -55,15 +75,22 @@ def test_inserted_attention_is_the_reference_architecture(
     reference: str, backbone: str, sites: list[str], block: str, options: dict[str, Any]
 ) -> None:
     torch.manual_seed(0)
-    ref = trained_like_(timm.create_model(reference), seed=1).eval()
+    ref = trained_like_(_reference(reference), seed=1).eval()
     ours = insert_attention(timm.create_model(backbone), sites, block=block, **options).eval()
     _copy_reference_weights(ref, ours, block)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected, got = ref(x), ours(x)
-    # float32 rounding of a 16-block-deep network, relative to its largest output
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    for train in (False, True):  # running statistics, then batch statistics
+        ref.train(train)
+        ours.train(train)
+        with torch.no_grad():
+            expected, got = ref(x), ours(x)
+        # float32 rounding of a 16-block-deep network, relative to its largest output
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    for key, value in ref.state_dict().items():  # the training pass moved the same stats
+        if "running_" in key and ".se." not in key:
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    ours.eval()
     # and the attention matters here: with it knocked out the outputs move
     with torch.no_grad():
         for site in inserted_sites(ours):

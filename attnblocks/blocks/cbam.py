@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attnblocks._errors import InvalidArgumentError
+from attnblocks._errors import InvalidArgumentError, InvalidInputError
 from attnblocks._validation import check_bool, check_positive_int
 from attnblocks.blocks._base import AttentionBlock
 from attnblocks.blocks._fused_gate import PooledGate
@@ -47,9 +47,10 @@ class CBAMBlock(AttentionBlock):
     * **Spatial attention** (eq. 3): :math:`M_s(F') = \sigma(f^{7 \times 7}(
       [\text{AvgPool}_c(F'); \text{MaxPool}_c(F')]))`, a :math:`7 \times 7` convolution
       (``spatial_kernel_size``) from the channel-wise mean and max maps to one map,
-      :math:`2 \cdot 7 \cdot 7 + 1` parameters. The authors' code follows this
-      convolution with a BatchNorm; this block keeps the paper's plain convolution
-      with a bias, so it has no batch statistics.
+      :math:`2 \cdot 7 \cdot 7 + 1` parameters. The authors' code (and timm's
+      ``CbamModule``) follows this convolution with a BatchNorm instead of a bias; by
+      default this block keeps the paper's plain convolution with a bias, so it has no
+      batch statistics, and ``spatial_norm=True`` builds the authors' version.
 
     Average pooling (over space and over channels) accumulates in float32 for half
     types.
@@ -80,9 +81,16 @@ class CBAMBlock(AttentionBlock):
             ``_make_divisible``; 0, the default, is timm's SE and CBAM).
         activation: :math:`\delta` of the MLP (ReLU in the paper).
         gate: :math:`\sigma` of both steps (sigmoid in the paper).
-        bias: whether the MLP's layers have biases (the spatial convolution always has one).
+        bias: whether the MLP's layers have biases (the spatial convolution has one
+            unless ``spatial_norm``).
         spatial_kernel_size: odd size of the spatial convolution (7 in the paper, which
             also tries 3).
+        spatial_norm: a ``BatchNorm2d(1)`` after the spatial convolution, which then has
+            no bias, as in the authors' code and timm (with ``bias=False``, timm's
+            ``CbamModule`` exactly). Its running statistics make the spatial step
+            stateful, so in training it runs through PyTorch's autograd instead of the
+            fused node, and needs more than one position per batch. Not available with
+            ``init="identity"``.
         init: ``"default"`` (PyTorch's initialisation) or ``"identity"``.
 
     Shape:
@@ -129,6 +137,7 @@ class CBAMBlock(AttentionBlock):
         gate: LayerSpec = "sigmoid",
         bias: bool = True,
         spatial_kernel_size: int = 7,
+        spatial_norm: bool = False,
         init: Literal["default", "identity"] = "default",
     ) -> None:
         super().__init__(channels)
@@ -142,6 +151,7 @@ class CBAMBlock(AttentionBlock):
             round_limit=round_limit,
         )
         check_bool(bias, "bias", owner=owner)
+        spatial_norm = check_bool(spatial_norm, "spatial_norm", owner=owner)
         self.spatial_kernel_size = check_positive_int(
             spatial_kernel_size, "spatial_kernel_size", owner=owner
         )
@@ -151,18 +161,32 @@ class CBAMBlock(AttentionBlock):
                 f"got {spatial_kernel_size}."
             )
         self.init = self._check_init(init, bias=bias)
+        if self.init == "identity" and spatial_norm:
+            raise InvalidArgumentError(
+                f"{owner}: init='identity' is not available with spatial_norm=True: the "
+                "BatchNorm's input would be constant, so its weight would get no gradient "
+                "(and the convolution's a 1/sqrt(eps) one); use spatial_norm=False (the "
+                "paper's convolution with a bias) for an identity start."
+            )
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
         self.act = make_layer(activation, ACTIVATIONS, arg="activation", owner=owner)
         self.fc2 = nn.Linear(self.hidden_channels, self.channels, bias=bias)
         k = self.spatial_kernel_size
-        self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
+        self.spatial_norm: nn.BatchNorm2d | None = None
+        if spatial_norm:
+            # the authors' code and timm: convolution without bias, then a BatchNorm
+            self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=False)
+            self.spatial_norm = nn.BatchNorm2d(1)
+        else:
+            self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=True)
         self.gate = make_layer(gate, GATES, arg="gate", owner=owner)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters according to ``self.init``."""
-        for layer in (self.fc1, self.fc2, self.spatial_conv):
-            layer.reset_parameters()
+        for layer in (self.fc1, self.fc2, self.spatial_conv, self.spatial_norm):
+            if layer is not None:
+                layer.reset_parameters()
         self._init_gates(mlp=(self.fc1, self.act, self.fc2), zero=(self.spatial_conv,))
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
@@ -183,6 +207,20 @@ class CBAMBlock(AttentionBlock):
         maps = to_dtype(maps, self.spatial_conv.weight.dtype)
         # with no positions there is nothing to convolve: an empty (N, 1, H, W) map
         logits = maps[:, :1] if has_zero_extent(maps) else self.spatial_conv(maps)
+        norm = self.spatial_norm
+        if norm is not None:
+            # in training: an empty batch has no statistics (skipped, nothing moves) and
+            # one position too few (BatchNorm's own error, said here with the way out)
+            positions = logits.numel() if norm.training else 2
+            if positions == 1:
+                raise InvalidInputError(
+                    f"{type(self).__name__}(spatial_norm=True) in training needs more than "
+                    "one position in the batch for its BatchNorm's statistics, got a "
+                    f"batch of 1 with a {'x'.join(map(str, logits.shape[2:]))} map; use "
+                    "a larger batch or map, or eval mode."
+                )
+            if positions > 0:
+                logits = norm(logits)
         return self._scale(self.gate(logits))
 
     def _spatial_gate_spec(self) -> SpatialGate | None:
@@ -190,8 +228,10 @@ class CBAMBlock(AttentionBlock):
         conv = self.spatial_conv
         if type(conv) is not nn.Conv2d:
             return None
+        # a BatchNorm holds buffers: try_spatial_fused leaves such a gate to autograd
+        norm = () if self.spatial_norm is None else (self.spatial_norm,)
         return SpatialGate(
-            fn=self._spatial_gate_of, params=tuple(conv.parameters()), modules=(self.gate,)
+            fn=self._spatial_gate_of, params=tuple(conv.parameters()), modules=(self.gate, *norm)
         )
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,4 +280,5 @@ class CBAMBlock(AttentionBlock):
         return (
             f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
             f"spatial_kernel_size={self.spatial_kernel_size}, gate_scale={self.gate_scale}"
+            + (", spatial_norm=True" if self.spatial_norm is not None else "")
         )
