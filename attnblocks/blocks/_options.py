@@ -45,11 +45,11 @@ def hidden_width(
     channels: int,
     reduction: object,
     hidden_channels: object,
+    divisor: object = None,
+    round_limit: object = 0.0,
     *,
     owner: str,
     minimum: int = 1,
-    divisor: object = None,
-    round_limit: object = 0.0,
 ) -> tuple[float, int]:
     """Resolve ``reduction`` / ``hidden_channels`` to ``(reduction, width)``.
 
@@ -65,9 +65,9 @@ def hidden_width(
     (16.0, 16)
     >>> hidden_width(64, 32, None, owner="X", minimum=8)
     (32.0, 8)
-    >>> hidden_width(64, 16, None, owner="X", divisor=8)  # timm's seresnet18, layer1
+    >>> hidden_width(64, 16, None, 8, owner="X")  # timm's seresnet18, layer1
     (16.0, 8)
-    >>> hidden_width(72, 4, None, owner="X", divisor=8, round_limit=0.9)  # 18 -> 16 -> 24
+    >>> hidden_width(72, 4, None, 8, 0.9, owner="X")  # 18 -> 16 -> 24
     (4.0, 24)
     """
     ratio = check_reduction(reduction, owner=owner)

@@ -73,12 +73,9 @@ class CBAMBlock(AttentionBlock):
         reduction: :math:`r`, the channel MLP's reduction ratio (16 in the paper);
             the hidden width is ``max(1, floor(C / r))``.
         hidden_channels: explicit hidden width, overriding ``reduction``.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: :math:`\delta` of the MLP (ReLU in the paper).
         gate: :math:`\sigma` of both steps (sigmoid in the paper).
         bias: whether the MLP's layers have biases (the spatial convolution has one
@@ -143,12 +140,7 @@ class CBAMBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner
         )
         check_bool(bias, "bias", owner=owner)
         spatial_norm = check_bool(spatial_norm, "spatial_norm", owner=owner)

@@ -86,12 +86,9 @@ class CoordAttentionBlock(AttentionBlock):
         channels: :math:`C`, the number of input (and output) channels.
         reduction: :math:`r` (32 in the paper).
         hidden_channels: explicit hidden width :math:`m`, overriding ``reduction``.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: :math:`\delta` (h-swish in the paper: ``"hard_swish"``).
         gate: :math:`\sigma` of both directions (sigmoid in the paper).
         bias: whether the three convolutions have biases.
@@ -140,12 +137,7 @@ class CoordAttentionBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner
         )
         if hidden_channels is None:
             self.hidden_channels = max(8, self.hidden_channels)

@@ -83,12 +83,9 @@ class GlobalContextBlock(AttentionBlock):
         channels: :math:`C`, the number of input (and output) channels.
         reduction: :math:`r` of the transform's bottleneck (16 in the paper).
         hidden_channels: explicit bottleneck width (at least 2), overriding ``reduction``.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: the transform's non-linearity (ReLU in the paper).
         gate: :math:`\sigma` for ``fusion="mul"`` (sigmoid).
         bias: whether the transform's two layers have biases.
@@ -138,13 +135,7 @@ class GlobalContextBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
-            minimum=2,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner, minimum=2
         )
         check_bool(bias, "bias", owner=owner)
         self.fusion = check_choice(fusion, "fusion", _FUSIONS, owner=owner)

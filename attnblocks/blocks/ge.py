@@ -99,12 +99,9 @@ class GatherExciteBlock(AttentionBlock):
             ``max(1, floor(C / r))``. Other variants ignore it, like
             ``hidden_channels``, so that the same options can build any block.
         hidden_channels: explicit hidden width of GE-:math:`\theta^+`'s MLP.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: the non-linearity between the gather convolutions and inside the
             MLP (ReLU); checked, but unused, by ``"theta_minus"``.
         gate: :math:`\sigma` (sigmoid in the paper).
@@ -176,12 +173,7 @@ class GatherExciteBlock(AttentionBlock):
             )
         self.spatial_size = self._check_spatial_size(spatial_size, parametric, owner)
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner
         )
         check_bool(bias, "bias", owner=owner)
         self.init = self._check_init(init)

@@ -67,12 +67,9 @@ class SCSEBlock(AttentionBlock):
             ``max(1, floor(C / r))``. The authors' code uses 2 for its segmentation
             networks; 16 here matches :class:`~attnblocks.SEBlock`.
         hidden_channels: explicit hidden width, overriding ``reduction``.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: :math:`\delta` of cSE (ReLU in the paper).
         gate: :math:`\sigma` of both branches (sigmoid in the paper).
         bias: whether cSE's layers and the sSE convolution have biases.
@@ -129,12 +126,7 @@ class SCSEBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner
         )
         check_bool(bias, "bias", owner=owner)
         self.combine = check_choice(combine, "combine", _COMBINE_MODES, owner=owner)

@@ -33,8 +33,12 @@ def se_hidden_channels(
     The paper's excitation maps ``C`` channels to ``C / r`` hidden units. Flooring
     matches the common ``C // r``; the lower bound of 1 keeps a narrow block a real
     SE block (an 8-channel block with ``r = 16`` gets one hidden unit, not zero).
-    With ``divisor`` (and ``round_limit``), the width is rounded as :class:`SEBlock`
-    describes, e.g. to timm's ``rd_divisor=8`` widths.
+    With ``divisor``, ``channels / reduction`` is rounded to the nearest multiple of
+    ``divisor`` instead (halves up, at least ``divisor``), plus one more ``divisor`` if
+    that fell below ``round_limit`` times the exact width: timm's ``rd_divisor`` rule
+    (its SE modules: ``divisor=8``, round limit 0, the widths of ``seresnet*``) and
+    torchvision's ``_make_divisible`` (``divisor=8, round_limit=0.9``). Every block with
+    a hidden width takes the same two options.
 
     >>> from attnblocks.blocks import se_hidden_channels
     >>> se_hidden_channels(64, 16), se_hidden_channels(8, 16), se_hidden_channels(100, 8)
@@ -44,9 +48,7 @@ def se_hidden_channels(
 
     ``reduction`` must be at least ``1 / 64`` (a hidden layer at most 64 times as wide).
     """
-    return hidden_width(
-        channels, reduction, None, owner="SEBlock", divisor=divisor, round_limit=round_limit
-    )[1]
+    return hidden_width(channels, reduction, None, divisor, round_limit, owner="SEBlock")[1]
 
 
 @register_block("se")
@@ -76,12 +78,9 @@ class SEBlock(AttentionBlock):
             :func:`se_hidden_channels` ``(channels, reduction)``. Ignored when
             ``hidden_channels`` is given.
         hidden_channels: explicit hidden width :math:`C / r`, overriding ``reduction``.
-        divisor: round the width ``channels / reduction`` to the nearest multiple of
-            ``divisor`` (at least ``divisor``) instead of flooring it, as timm's
-            ``rd_divisor`` does (its SE modules use 8: timm's ``seresnet*`` widths).
-        round_limit: with ``divisor``: add one more ``divisor`` when the rounded width
-            fell below ``round_limit`` times the exact one (0.9 is torchvision's
-            ``_make_divisible``; 0, the default, is timm's SE and CBAM).
+        divisor: round ``channels / reduction`` to a multiple of ``divisor`` instead of
+            flooring it, as :func:`~attnblocks.blocks.se_hidden_channels` describes.
+        round_limit: with ``divisor``: the share of the exact width it may not fall below.
         activation: :math:`\delta`: a name (``"relu"``, ``"silu"``, ``"gelu"``, ...), an
             ``nn.Module`` class or factory, or a module instance.
         gate: :math:`\sigma`: ``"sigmoid"``, ``"hard_sigmoid"``, an ``nn.Module`` class
@@ -162,12 +161,7 @@ class SEBlock(AttentionBlock):
         super().__init__(channels)
         owner = type(self).__name__
         self.reduction, self.hidden_channels = hidden_width(
-            self.channels,
-            reduction,
-            hidden_channels,
-            owner=owner,
-            divisor=divisor,
-            round_limit=round_limit,
+            self.channels, reduction, hidden_channels, divisor, round_limit, owner=owner
         )
         self.init = self._check_init(init, bias=check_bool(bias, "bias", owner=owner))
         self.fc1 = nn.Linear(self.channels, self.hidden_channels, bias=bias)
