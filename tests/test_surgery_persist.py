@@ -140,10 +140,13 @@ def test_a_saved_count_taken_unchecked_fails_at_the_first_forward_not_silently(
     )
 
 
+@pytest.mark.parametrize("init", ["default", "identity"])  # identity sets values on meta too
 def test_an_edited_channel_count_is_refused_from_the_shapes_before_any_block_is_built(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str
 ) -> None:
-    saved = insert_se(trained_like_(TinyResNet(width=16)), ["blocks.0"], example_input=_x()[:1])
+    saved = insert_se(
+        trained_like_(TinyResNet(width=16)), ["blocks.0"], init=init, example_input=_x()[:1]
+    )
     save_attention(saved, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     config["sites"][0]["channels"] = 100_000  # an SEBlock of 1.25e9 weights, 5 GB
