@@ -270,6 +270,7 @@ def test_gate_statistics_errors(call: object, error: type[Exception], match: str
         ((4,), {"threshold": float("nan")}, "threshold must be finite"),
         ((4,), {"num_classes": -1}, "num_classes"),
         ((4,), {"num_classes": True}, "num_classes"),
+        ((4,), {"num_classes": False}, "num_classes"),
         ((4,), {"num_classes": 10**9}, "would not fit in memory"),
     ],
 )

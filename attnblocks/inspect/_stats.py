@@ -72,7 +72,7 @@ class SiteStats:
         owner = "SiteStats"
         self.channels = check_positive_int(channels, "channels", owner=owner)
         self.threshold = check_threshold(threshold, owner=owner)
-        if not (isinstance(num_classes, int) and num_classes == 0):  # 0: classes added as seen
+        if not (type(num_classes) is int and num_classes == 0):  # 0: classes added as seen
             num_classes = check_num_classes(num_classes, owner=owner) or 0
         f64 = torch.float64
         self._n = torch.zeros((), dtype=f64)
