@@ -272,6 +272,7 @@ def test_gate_statistics_errors(call: object, error: type[Exception], match: str
         ((4,), {"num_classes": True}, "num_classes"),
         ((4,), {"num_classes": False}, "num_classes"),
         ((4,), {"num_classes": 10**9}, "would not fit in memory"),
+        ((10**12,), {}, "channels=1000000000000 .*do not fit in memory"),
     ],
 )
 def test_site_stats_refuses_bad_arguments_by_name(

@@ -76,12 +76,18 @@ class SiteStats:
             num_classes = check_num_classes(num_classes, owner=owner) or 0
         f64 = torch.float64
         self._n = torch.zeros((), dtype=f64)
-        self._mean = torch.zeros(channels, dtype=f64)
-        self._m2 = torch.zeros(channels, dtype=f64)
-        self._saturated = torch.zeros(channels, dtype=f64)
-        self._class_n = torch.zeros(num_classes, dtype=f64)
-        self._class_mean = torch.zeros(num_classes, channels, dtype=f64)
-        self._class_m2 = torch.zeros(num_classes, channels, dtype=f64)
+        try:  # four (C,) and two (K, C) float64 tables
+            self._mean = torch.zeros(self.channels, dtype=f64)
+            self._m2 = torch.zeros(self.channels, dtype=f64)
+            self._saturated = torch.zeros(self.channels, dtype=f64)
+            self._class_n = torch.zeros(num_classes, dtype=f64)
+            self._class_mean = torch.zeros(num_classes, self.channels, dtype=f64)
+            self._class_m2 = torch.zeros(num_classes, self.channels, dtype=f64)
+        except RuntimeError as err:  # out of memory
+            raise InvalidArgumentError(
+                f"{owner}: channels={self.channels} and num_classes={num_classes} need "
+                f"tables that do not fit in memory ({' '.join(str(err).split())[:120]})."
+            ) from None
 
     def _grow(self, num_classes: int) -> None:
         extra = num_classes - self._class_n.numel()
