@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import torch
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_reduction",
+    "is_real",
 ]
 
 #: The widest hidden layer a ``reduction`` may ask for, in multiples of the channels
@@ -52,6 +53,11 @@ def check_choice(value: object, name: str, choices: Sequence[T], *, owner: str) 
     )
 
 
+def is_real(value: object) -> TypeGuard[numbers.Real]:
+    """Whether ``value`` is a real number (NumPy scalars included) and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_positive_int(value: object, name: str, *, owner: str) -> int:
     """Return ``value`` as an ``int`` if it is a whole number >= 1, else raise.
 
@@ -71,7 +77,7 @@ def check_positive_int(value: object, name: str, *, owner: str) -> int:
 
 def check_positive_number(value: object, name: str, *, owner: str) -> float:
     """Return ``value`` as a ``float`` if it is a finite real number > 0, else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise InvalidArgumentError(
             f"{owner}: {name} must be a positive number, got {value!r} "
             f"(type {type(value).__name__})."

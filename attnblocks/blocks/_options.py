@@ -6,9 +6,7 @@ received and the values that are valid.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
-from typing import TypeGuard
 
 from attnblocks._errors import InvalidArgumentError
 from attnblocks._validation import (
@@ -16,6 +14,7 @@ from attnblocks._validation import (
     check_choice,
     check_positive_int,
     check_reduction,
+    is_real,
 )
 
 __all__ = ["check_init", "hidden_width"]
@@ -71,7 +70,7 @@ def hidden_width(
     (4.0, 24)
     """
     ratio = check_reduction(reduction, owner=owner)
-    plain_limit = _is_real(round_limit) and float(round_limit) == 0
+    plain_limit = is_real(round_limit) and float(round_limit) == 0
     if divisor is None and not plain_limit:
         raise InvalidArgumentError(
             f"{owner}: round_limit={round_limit!r} applies to rounding to a divisor; pass "
@@ -103,17 +102,12 @@ def hidden_width(
 
 
 def _check_round_limit(value: object, *, owner: str) -> float:
-    if not (_is_real(value) and 0 <= float(value) < 1):  # NaN fails the comparison too
+    if not (is_real(value) and 0 <= float(value) < 1):  # NaN fails the comparison too
         raise InvalidArgumentError(
             f"{owner}: round_limit must be a number in [0, 1) (0: plain rounding to the "
             f"divisor, 0.9: never more than 10 % below), got {value!r}."
         )
     return float(value)
-
-
-def _is_real(value: object) -> TypeGuard[numbers.Real]:
-    """A real number (NumPy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _bounded(width: int, channels: int, *, owner: str, name: str) -> int:

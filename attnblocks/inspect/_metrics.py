@@ -8,14 +8,13 @@ identities. These two numbers measure exactly that for any model.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import overload
 
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
-from attnblocks._validation import check_positive_int
+from attnblocks._validation import check_positive_int, is_real
 
 __all__ = ["class_specificity", "saturation"]
 
@@ -137,7 +136,7 @@ def check_labels(
 
 def check_threshold(threshold: object, *, owner: str) -> float:
     """Check that ``threshold`` is a finite real number."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+    if not is_real(threshold):
         raise InvalidArgumentError(
             f"{owner}: threshold must be a number, got {threshold!r} "
             f"(type {type(threshold).__name__})."

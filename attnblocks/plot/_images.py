@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnblocks._errors import InvalidArgumentError, InvalidInputError
+from attnblocks._validation import is_real
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +28,7 @@ def check_figsize(
     if (
         isinstance(figsize, (tuple, list))
         and len(figsize) == 2
-        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in figsize)
+        and all(is_real(v) for v in figsize)
     ):
         width, height = float(figsize[0]), float(figsize[1])
         if 0 < width < float("inf") and 0 < height < float("inf"):
@@ -41,7 +41,7 @@ def check_figsize(
 
 def check_fraction(value: object, name: str, *, owner: str) -> float:
     """Return ``value`` as a float in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+    if not is_real(value) or not 0 <= float(value) <= 1:
         raise InvalidArgumentError(f"{owner}: {name} must be a number in [0, 1], got {value!r}.")
     return float(value)
 
